@@ -1,0 +1,286 @@
+"""Configuration: frozen dataclasses, passed explicitly, validated on load.
+
+``LearnerConfig`` is the whole recipe of a run; it is saved as JSON in the run directory. Method presets
+(``anpyc``, ``paper``, ``ewc``, ``mas``, ``si``, ``packnet``, ``finetune``, ``joint``) are registered
+functions returning a ``LearnerConfig``; user overrides are applied on top with :func:`override`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .registry import Registry
+
+__all__ = [
+    "OptimConfig",
+    "ImportanceConfig",
+    "PruneConfig",
+    "ConsolidationConfig",
+    "LearnerConfig",
+    "METHODS",
+    "method_config",
+    "from_dict",
+    "to_dict",
+    "override",
+]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and loop settings for one training phase."""
+
+    name: str = "sgd"  # sgd | adam | adamw
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 5
+    grad_clip: float = 0.0  # 0 disables clipping
+    dropout: float = 0.0  # dropout on the features before the task head
+
+
+@dataclass(frozen=True)
+class ImportanceConfig:
+    """Which importance measure scores parameters, and on how much data."""
+
+    measure: str = "entropy_taylor"  # entropy_taylor | magnitude | fisher | mas | si
+    max_batches: int = 16  # 0 = the whole training set
+    batch_size: int = 64
+    accumulate: str = "sum"  # sum | max   (how a task's scores add to the consolidated importance)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """The adversarial prune-retrain loop.
+
+    ``mode``: ``guarded`` keeps releasing ``step`` of the task's claim while validation accuracy stays within
+    ``tolerance`` of the unpruned accuracy, rolling back (and halving the step) when it does not;
+    ``schedule`` is the original fixed schedule (``first_ratio`` for the first task, times ``decay`` for each
+    next, in ``step`` increments); ``none`` disables pruning (the task keeps every free unit).
+    ``granularity``: ``unit`` (structured: channels, neurons, heads) or ``element`` (unstructured, paper mode).
+    """
+
+    mode: str = "guarded"
+    granularity: str = "unit"
+    tolerance: float = 0.01
+    step: float = 0.1
+    min_step: float = 0.025
+    max_ratio: float = 0.95
+    first_ratio: float = 0.5
+    decay: float = 0.8
+    retrain_epochs: int = 1
+    prune_final: bool = True
+    min_units_per_group: int = 1
+
+
+@dataclass(frozen=True)
+class ConsolidationConfig:
+    """How parameters that earlier tasks use are protected while later tasks train.
+
+    ``rule``: ``quadratic`` (lambda * sum Omega (theta - theta*)^2), ``gate`` (quadratic plus an element-wise
+    gradient gate from normalised Omega), ``hard`` (freeze every element an earlier task uses; PackNet-like),
+    ``none`` (fine-tuning).
+    """
+
+    rule: str = "gate"
+    strength: float = 100.0
+    gate_quantile: float = 0.5
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The full recipe of a continual-learning run."""
+
+    method: str = "anpyc"
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # 0 = leave torch's default
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    reinit_free: bool = True  # re-initialise free units before a task claims them
+    replay: str = "none"  # none | all (joint training upper bound)
+    eval_batch_size: int = 256
+    checkpoint_epochs: bool = True  # checkpoint after every epoch, not only after every phase
+    verify_structure: bool = True  # parity-check every unit group at walk time, drop the ones that fail
+
+    def replace(self, **changes: Any) -> "LearnerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------- (de)serialise
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_type(path, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {path!r} has the wrong type ({type(value).__name__})", f"expected {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"config key {path!r} must be null", "remove it or set null")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {path!r} must be a table/mapping", f"give the fields of {tp.__name__}")
+        return from_dict(tp, value, _prefix=path + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {path!r} must be a number, got {value!r}", "write e.g. 0.01")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {path!r} must be an integer, got {value!r}", "write e.g. 3")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {path!r} must be true or false, got {value!r}", "write true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {path!r} must be a string, got {value!r}", "quote the value")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {path!r} must be a list, got {value!r}", "write e.g. [1, 2]")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        return tuple(_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value))
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], *, _prefix: str = "") -> Any:
+    """Build config dataclass ``cls`` from ``data``; unknown keys and wrong types are errors that name the key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {_prefix or cls.__name__} must be a mapping", "check the file's structure")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {_prefix + unknown[0]!r}", f"valid keys here: {', '.join(sorted(names))}"
+        )
+    kwargs = {k: _check_type(_prefix + k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def override(cfg: Any, changes: dict[str, Any]) -> Any:
+    """Apply nested ``changes`` (e.g. ``{"optim": {"lr": 0.1}}`` or ``{"optim.lr": 0.1}``) to ``cfg``."""
+    nested: dict[str, Any] = {}
+    for key, value in changes.items():
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    merged = _deep_merge(to_dict(cfg), nested)
+    return from_dict(type(cfg), merged)
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- method presets
+
+METHODS: Registry = Registry("method")
+
+
+def method_config(name: str, **overrides: Any) -> LearnerConfig:
+    """The preset ``name`` with ``overrides`` (dotted keys allowed) applied."""
+    cfg = METHODS.get(name)()
+    return override(cfg, overrides) if overrides else cfg
+
+
+@METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, guarded pruning, gated consolidation")
+def _anpyc() -> LearnerConfig:
+    return LearnerConfig(method="anpyc")
+
+
+@METHODS.register("paper", help="the original ANPyC: unstructured masks, fixed schedule, SGD, lambda 3")
+def _paper() -> LearnerConfig:
+    return LearnerConfig(
+        method="paper",
+        optim=OptimConfig(name="sgd", lr=0.02, momentum=0.0, batch_size=256, epochs=30, dropout=0.5),
+        importance=ImportanceConfig(measure="entropy_taylor", max_batches=0, batch_size=256, accumulate="sum"),
+        prune=PruneConfig(mode="schedule", granularity="element", step=0.1, first_ratio=0.5, decay=0.8,
+                          retrain_epochs=30, prune_final=False),
+        consolidation=ConsolidationConfig(rule="quadratic", strength=3.0),
+        reinit_free=False,
+    )
+
+
+@METHODS.register("ewc", help="Elastic Weight Consolidation: Fisher importance, quadratic penalty, no pruning")
+def _ewc() -> LearnerConfig:
+    return LearnerConfig(
+        method="ewc",
+        importance=ImportanceConfig(measure="fisher"),
+        prune=PruneConfig(mode="none"),
+        consolidation=ConsolidationConfig(rule="quadratic", strength=100.0),
+    )
+
+
+@METHODS.register("mas", help="Memory Aware Synapses: output-sensitivity importance, quadratic penalty")
+def _mas() -> LearnerConfig:
+    return LearnerConfig(
+        method="mas",
+        importance=ImportanceConfig(measure="mas"),
+        prune=PruneConfig(mode="none"),
+        consolidation=ConsolidationConfig(rule="quadratic", strength=1.0),
+    )
+
+
+@METHODS.register("si", help="Synaptic Intelligence: path-integral importance, quadratic penalty")
+def _si() -> LearnerConfig:
+    return LearnerConfig(
+        method="si",
+        importance=ImportanceConfig(measure="si"),
+        prune=PruneConfig(mode="none"),
+        consolidation=ConsolidationConfig(rule="quadratic", strength=1.0),
+    )
+
+
+@METHODS.register("packnet", help="PackNet: magnitude pruning to a fixed ratio, hard freeze of earlier tasks")
+def _packnet() -> LearnerConfig:
+    return LearnerConfig(
+        method="packnet",
+        importance=ImportanceConfig(measure="magnitude"),
+        prune=PruneConfig(mode="schedule", granularity="element", first_ratio=0.5, decay=1.0, step=0.5,
+                          retrain_epochs=1),
+        consolidation=ConsolidationConfig(rule="hard"),
+        reinit_free=False,
+    )
+
+
+@METHODS.register("finetune", help="fine-tuning: shared weights, no protection (lower bound)")
+def _finetune() -> LearnerConfig:
+    return LearnerConfig(method="finetune", prune=PruneConfig(mode="none"),
+                         consolidation=ConsolidationConfig(rule="none"))
+
+
+@METHODS.register("joint", help="joint training on all tasks seen so far (upper bound, keeps all data)")
+def _joint() -> LearnerConfig:
+    return LearnerConfig(method="joint", prune=PruneConfig(mode="none"),
+                         consolidation=ConsolidationConfig(rule="none"), replay="all")

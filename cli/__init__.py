@@ -1,0 +1,1 @@
+"""The typer command-line interface (``anpyc``); see :mod:`anpyc.cli.app`."""
