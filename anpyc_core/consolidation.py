@@ -1,0 +1,123 @@
+"""Consolidation rules: how parameters that earlier tasks use are protected while a later task trains.
+
+A rule sees, per trunk parameter, the consolidated importance ``omega``, the anchor ``theta*`` (the weights at
+the start of the task) and the ``old`` mask (elements an earlier task's subnetwork uses). Rules (a registry):
+
+* ``none`` — fine-tuning;
+* ``quadratic`` — loss += strength * sum(omega~ * (theta - theta*)^2) over old elements;
+* ``gate`` — quadratic, plus an element-wise gradient gate ``grad *= 1 - clamp(omega~ / q, 0, 1)`` on old
+  elements, ``q`` the ``gate_quantile`` of omega~ over old elements (the most important ones are frozen, the
+  rest slowed in proportion);
+* ``hard`` — every old element frozen (the PackNet-like limit case): gradients zeroed and values restored after
+  every step, so an earlier task's outputs cannot move at all.
+
+``omega~`` is omega divided by its mean over the old elements, so ``strength`` means the same thing whatever the
+measure, model or batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ConsolidationConfig
+from .registry import Registry
+
+__all__ = ["CONSOLIDATION", "Consolidation", "create_consolidation"]
+
+CONSOLIDATION: Registry = Registry("consolidation rule")
+
+
+def _sample_quantile(values: list[torch.Tensor], q: float, limit: int = 1 << 20) -> float:
+    flat = torch.cat([v.flatten() for v in values]) if values else torch.zeros(1)
+    if flat.numel() == 0:
+        return 1.0
+    if flat.numel() > limit:
+        idx = torch.randint(flat.numel(), (limit,), generator=torch.Generator().manual_seed(0))
+        flat = flat[idx]
+    k = max(1, min(flat.numel(), int(round(q * flat.numel()))))
+    return float(flat.kthvalue(k).values)
+
+
+class Consolidation:
+    """Base rule: no protection. Subclasses override the hooks they need."""
+
+    def __init__(self, cfg: ConsolidationConfig):
+        self.cfg = cfg
+        self.omega: dict[str, torch.Tensor] = {}
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.old: dict[str, torch.Tensor] = {}
+
+    def begin(self, params: dict[str, torch.Tensor], omega: dict[str, torch.Tensor],
+              anchor: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> None:
+        """Prepare for a task: ``old[name]`` is a bool mask of the elements earlier tasks use."""
+        self.old = {n: m for n, m in old.items() if bool(m.any())}
+        self.anchor = {n: anchor[n] for n in self.old if n in anchor}
+        vals = [omega[n][self.old[n]] for n in self.old if n in omega]
+        nonzero = [v[v > 0] for v in vals]
+        count = sum(int(v.numel()) for v in nonzero)
+        mean = float(sum(float(v.sum()) for v in nonzero) / count) if count else 1.0
+        self.omega = {n: (omega[n] / mean) * self.old[n] for n in self.old if n in omega}
+
+    def penalty(self, params: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        return None
+
+    def gate(self, params: dict[str, torch.Tensor]) -> None:
+        """Modify gradients in place before the optimizer step."""
+
+    def after_step(self, params: dict[str, torch.Tensor]) -> None:
+        """Fix parameters in place after the optimizer step."""
+
+
+@CONSOLIDATION.register("none")
+class NoConsolidation(Consolidation):
+    """Fine-tuning: nothing is protected."""
+
+
+@CONSOLIDATION.register("quadratic")
+class Quadratic(Consolidation):
+    """strength * sum(omega~ * (theta - theta*)^2) over old elements."""
+
+    def penalty(self, params):
+        total = None
+        for n, w in self.omega.items():
+            d = params[n] - self.anchor[n]
+            term = (w * d * d).sum()
+            total = term if total is None else total + term
+        return None if total is None else self.cfg.strength * total
+
+
+@CONSOLIDATION.register("gate")
+class Gate(Quadratic):
+    """Quadratic penalty plus an element-wise gradient gate from normalised importance."""
+
+    def begin(self, params, omega, anchor, old):
+        super().begin(params, omega, anchor, old)
+        q = _sample_quantile([w[self.old[n]] for n, w in self.omega.items()], self.cfg.gate_quantile)
+        q = q if q > 0 else 1.0
+        self.keep = {n: 1.0 - (w / q).clamp(0, 1) * self.old[n] for n, w in self.omega.items()}
+
+    def gate(self, params):
+        for n, k in self.keep.items():
+            g = params[n].grad
+            if g is not None:
+                g.mul_(k)
+
+
+@CONSOLIDATION.register("hard")
+class Hard(Consolidation):
+    """Freeze every element an earlier task uses (PackNet-like)."""
+
+    def gate(self, params):
+        for n, m in self.old.items():
+            g = params[n].grad
+            if g is not None:
+                g.masked_fill_(m, 0.0)
+
+    @torch.no_grad()
+    def after_step(self, params):
+        for n, m in self.old.items():
+            params[n].copy_(torch.where(m, self.anchor[n], params[n]))
+
+
+def create_consolidation(cfg: ConsolidationConfig) -> Consolidation:
+    return CONSOLIDATION.get(cfg.rule)(cfg)

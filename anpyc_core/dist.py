@@ -1,0 +1,81 @@
+"""Process-group plumbing: one code path for a single process and for ``torchrun`` (DDP).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) :func:`context` initialises the default process
+group (gloo on CPU, nccl on CUDA), shards data with a ``DistributedSampler``, averages gradients with DDP and
+importance statistics with all-reduce (so every rank takes the same pruning decisions), and only rank 0
+writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+__all__ = ["DistContext", "context"]
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_mean_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+            tensor.div_(self.world_size)
+        return tensor
+
+    def all_reduce_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tdist.all_reduce(tensor, op=tdist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        if self.enabled:
+            tdist.broadcast(tensor, src=src)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.enabled:
+            tdist.barrier()
+
+    def device(self, requested: str) -> torch.device:
+        if requested.startswith("cuda") and self.enabled:
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested)
+
+
+_CONTEXT: DistContext | None = None
+
+
+def context(device: str = "cpu") -> DistContext:
+    """The process group of this process, initialised on first use when launched by torchrun."""
+    global _CONTEXT
+    if _CONTEXT is not None:
+        return _CONTEXT
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        _CONTEXT = DistContext()
+        return _CONTEXT
+    backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend=backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    _CONTEXT = DistContext(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local,
+                           backend=backend)
+    return _CONTEXT

@@ -1,0 +1,292 @@
+"""Ownership: which task owns each unit, and the masks that follow from it.
+
+One ``uint8`` per unit holds its owner task (``FREE`` = 255 means no task has it), as in Avalanche's PackNet:
+task ``t``'s subnetwork is every unit with ``owner <= t``, so one small tensor encodes every task's mask.
+Two spaces share this interface:
+
+* :class:`UnitSpace` — structured units (channels, neurons, heads) from the structure walk;
+* :class:`ElementSpace` — unstructured: every element of every weight matrix is a unit (the paper mode).
+
+Masks are saved as safetensors (``masks.safetensors``) with a versioned schema in the metadata.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+from .errors import StateFileError
+from .io import load_tensors, save_tensors
+from .structure.units import Structure
+
+__all__ = ["FREE", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "MASKS_FORMAT",
+           "MASKS_VERSION"]
+
+FREE = 255
+MASKS_FORMAT = "anpyc.masks"
+MASKS_VERSION = 1
+
+
+def _bshape(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[dim] = v.numel()
+    return v.view(shape)
+
+
+class MaskSpace(ABC):
+    """Owners of the units of one trunk, and the masks they imply."""
+
+    granularity: str
+    owners: torch.Tensor  # uint8, one per unit
+
+    @property
+    def num_units(self) -> int:
+        return int(self.owners.numel())
+
+    # ------------------------------------------------------------------ ownership
+    def active(self, task: int) -> torch.Tensor:
+        """Units of task ``task``'s subnetwork: owned by ``task`` or an earlier task."""
+        return self.owners.long() <= task
+
+    def claim_free(self, task: int) -> torch.Tensor:
+        """Give every free unit to ``task``; returns the mask of the units claimed."""
+        free = self.owners == FREE
+        self.owners[free] = task
+        return free
+
+    def release(self, units: torch.Tensor) -> None:
+        self.owners[units] = FREE
+
+    def capacity(self) -> float:
+        """Fraction of units owned by some task."""
+        return float((self.owners != FREE).float().mean()) if self.num_units else 0.0
+
+    def capacity_by_task(self, tasks: list[int]) -> dict[int, float]:
+        n = max(self.num_units, 1)
+        return {t: float((self.owners == t).sum()) / n for t in tasks}
+
+    def digest(self, task: int) -> str:
+        """sha256 of task ``task``'s mask (its active units) and the space's layout."""
+        h = hashlib.sha256(self.layout_key().encode())
+        h.update(self.active(task).to(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ masks
+    @abstractmethod
+    def tensor_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Element masks (float, broadcastable) for every parameter with an inactive element."""
+
+    @abstractmethod
+    def norm_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Channel masks of normalisation modules with an inactive channel."""
+
+    @abstractmethod
+    def feature_mask(self, active: torch.Tensor) -> torch.Tensor | None:
+        """Mask over the trunk's output features, or None when all are active."""
+
+    @abstractmethod
+    def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Owner of every element of tensor ``name``: the latest owner among the units it belongs to."""
+
+    @abstractmethod
+    def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Aggregate element scores into one score per unit, normalised per parameter of the unit."""
+
+    @abstractmethod
+    def unit_cost(self) -> torch.Tensor:
+        """Parameter elements each unit touches (for capacity in parameters and fair scores)."""
+
+    @abstractmethod
+    def layout_key(self) -> str:
+        """A fingerprint of the unit layout."""
+
+    @abstractmethod
+    def schema(self) -> dict:
+        """JSON-ready description of the units, stored in the mask file's metadata."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"owners": self.owners}
+
+    def load_owners(self, tensors: dict[str, torch.Tensor]) -> None:
+        owners = tensors.get("owners")
+        if owners is None or owners.dtype != torch.uint8 or owners.shape != self.owners.shape:
+            raise StateFileError("mask file's owner tensor does not match this backbone's units",
+                                 "use the mask file of this run (same backbone and input size)")
+        self.owners = owners.clone()
+
+
+# ================================================================================================ structured
+
+class UnitSpace(MaskSpace):
+    """Structured units from the structure walk."""
+
+    granularity = "unit"
+
+    def __init__(self, structure: Structure, param_names: set[str]):
+        self.structure = structure
+        self.param_names = param_names
+        self.owners = torch.full((structure.num_units,), FREE, dtype=torch.uint8)
+
+    def _ext(self, values: torch.Tensor, fill) -> torch.Tensor:
+        return torch.cat([values, torch.tensor([fill], dtype=values.dtype)])
+
+    def tensor_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        ext = self._ext(active.bool(), True)
+        out = {}
+        for name, dims in self.structure.tensor_units.items():
+            if name not in self.param_names:
+                continue  # running statistics are not masked: their channels' weights are
+            shape = self.structure.tensor_shapes[name]
+            mask = None
+            for dim, ids in dims.items():
+                m = ext[ids]
+                if bool(m.all()):
+                    continue
+                m = _bshape(m.float(), len(shape), dim)
+                mask = m if mask is None else mask * m
+            if mask is not None:
+                out[name] = mask
+        return out
+
+    def norm_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        ext = self._ext(active.bool(), True)
+        out = {}
+        for name, ids in self.structure.norm_units.items():
+            m = ext[ids]
+            if not bool(m.all()):
+                out[name] = m.float()
+        return out
+
+    def feature_mask(self, active: torch.Tensor) -> torch.Tensor | None:
+        m = self._ext(active.bool(), True)[self.structure.feature_unit_ids]
+        return None if bool(m.all()) else m.float()
+
+    def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        ext = self._ext(self.owners, 0)
+        owner = torch.zeros(shape, dtype=torch.uint8)
+        for dim, ids in self.structure.tensor_units.get(name, {}).items():
+            owner = torch.maximum(owner, _bshape(ext[ids], len(shape), dim).expand(shape))
+        return owner
+
+    def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros(self.num_units, dtype=torch.float64)
+        for name, dims in self.structure.tensor_units.items():
+            s = element_scores.get(name)
+            if s is None:
+                continue
+            for dim, ids in dims.items():
+                reduce = [d for d in range(s.ndim) if d != dim]
+                per_pos = s.double().sum(dim=reduce) if reduce else s.double()
+                valid = ids >= 0
+                total.index_add_(0, ids[valid], per_pos[valid])
+        return (total / self.unit_cost().double().clamp_min(1)).float()
+
+    def unit_cost(self) -> torch.Tensor:
+        return self.structure.unit_cost
+
+    def layout_key(self) -> str:
+        return self.structure.fingerprint()
+
+    def schema(self) -> dict:
+        return {
+            "granularity": self.granularity,
+            "free": FREE,
+            "fingerprint": self.structure.fingerprint(),
+            "num_units": self.num_units,
+            "groups": [{"name": g.name, "kind": g.kind, "offset": g.offset, "size": g.size}
+                       for g in self.structure.groups],
+        }
+
+
+# ================================================================================================ unstructured
+
+class ElementSpace(MaskSpace):
+    """Every element of every weight tensor (``ndim >= 2``) is a unit; other tensors are shared by all tasks."""
+
+    granularity = "element"
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.names = sorted(n for n, s in shapes.items() if len(s) >= 2)
+        self.shapes = {n: tuple(shapes[n]) for n in self.names}
+        self.offsets = {}
+        off = 0
+        for n in self.names:
+            self.offsets[n] = off
+            off += int(torch.tensor(self.shapes[n]).prod())
+        self.owners = torch.full((off,), FREE, dtype=torch.uint8)
+
+    def _view(self, values: torch.Tensor, name: str) -> torch.Tensor:
+        shape = self.shapes[name]
+        n = int(torch.tensor(shape).prod())
+        return values[self.offsets[name]: self.offsets[name] + n].view(shape)
+
+    def tensor_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.names:
+            m = self._view(active, n)
+            if not bool(m.all()):
+                out[n] = m.float()
+        return out
+
+    def norm_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def feature_mask(self, active: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name in self.offsets:
+            return self._view(self.owners, name).clone()
+        return torch.zeros(shape, dtype=torch.uint8)
+
+    def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for n in self.names:
+            s = element_scores.get(n)
+            parts.append(s.float().flatten() if s is not None else torch.zeros(self._view(self.owners, n).numel()))
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def unit_cost(self) -> torch.Tensor:
+        return torch.ones(self.num_units)
+
+    def layout_key(self) -> str:
+        return hashlib.sha256(repr(sorted(self.shapes.items())).encode()).hexdigest()[:32]
+
+    def schema(self) -> dict:
+        return {
+            "granularity": self.granularity,
+            "free": FREE,
+            "fingerprint": self.layout_key(),
+            "num_units": self.num_units,
+            "tensors": [{"name": n, "shape": list(self.shapes[n]), "offset": self.offsets[n]} for n in self.names],
+        }
+
+
+# ================================================================================================ files
+
+def save_masks(path: str | Path, space: MaskSpace, *, tasks: list[int], extra: dict | None = None) -> str:
+    """Write ``masks.safetensors``: the owner tensor plus the schema (granularity, layout, tasks) as metadata."""
+    schema = dict(space.schema())
+    schema["tasks"] = list(tasks)
+    if extra:
+        schema.update(extra)
+    return save_tensors(path, space.tensors(), fmt=MASKS_FORMAT, version=MASKS_VERSION, schema=schema)
+
+
+def load_masks(path: str | Path, space: MaskSpace | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a mask file; with ``space``, check it matches and load the owners into it.
+
+    Returns the tensors and the schema.
+    """
+    tensors, meta = load_tensors(path, fmt=MASKS_FORMAT, versions=(MASKS_VERSION,))
+    schema = meta.get("schema") or {}
+    if space is not None:
+        if schema.get("granularity") != space.granularity or schema.get("fingerprint") != space.layout_key():
+            raise StateFileError(f"mask file {path} was made for another backbone or unit layout "
+                                 f"({schema.get('granularity')}, {schema.get('fingerprint')})",
+                                 "use the mask file of this run, or re-train with this backbone")
+        space.load_owners(tensors)
+    return tensors, schema

@@ -1,0 +1,228 @@
+"""Per-layer-type rules: which parameter slices a unit touches, and how a module re-derives its shape attributes.
+
+These are registries keyed by layer *type* (conv, linear, norms, ...), in the spirit of Torch-Pruning's pruner
+box: they say what a channel means for one kind of layer, never anything about a particular model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "Touch",
+    "SLICE_RULES",
+    "RESYNC_RULES",
+    "slices_for",
+    "resync",
+    "norm_kind",
+    "is_per_task_stats",
+    "HEAD_COUNT_ATTRS",
+    "HEAD_WIDTH_ATTRS",
+]
+
+
+@dataclass(frozen=True)
+class Touch:
+    """Positions ``positions`` along dimension ``dim`` of the tensor ``attr`` (a parameter or buffer) of a module.
+
+    ``src[i]`` is the index, in the channel list the rule was given, of the channel that owns ``positions[i]``
+    (``None`` means position i belongs to channel i).
+    """
+
+    attr: str
+    dim: int
+    positions: tuple[int, ...]
+    src: tuple[int, ...] | None = None
+
+    def sources(self) -> tuple[int, ...]:
+        return self.src if self.src is not None else tuple(range(len(self.positions)))
+
+
+SliceRule = Callable[[nn.Module, str, Sequence[int]], list[Touch]]
+SLICE_RULES: dict[type, SliceRule] = {}
+RESYNC_RULES: dict[type, Callable[[nn.Module], None]] = {}
+
+
+def _register(table: dict, *types: type):
+    def deco(fn):
+        for t in types:
+            table[t] = fn
+        return fn
+
+    return deco
+
+
+def _lookup(table: dict, module: nn.Module):
+    for cls in type(module).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def slices_for(module: nn.Module, direction: str, positions: Sequence[int]) -> list[Touch] | None:
+    """The tensors touched when channels ``positions`` of ``module``'s ``direction`` ("in"/"out") are removed.
+
+    Returns None for a layer type without a rule (the group it is in is then not prunable).
+    """
+    rule = _lookup(SLICE_RULES, module)
+    return None if rule is None else rule(module, direction, list(positions))
+
+
+def resync(module: nn.Module) -> None:
+    """Re-derive ``module``'s shape attributes (``out_channels``, ``normalized_shape``, ...) from its tensors."""
+    rule = _lookup(RESYNC_RULES, module)
+    if rule is not None:
+        rule(module)
+
+
+def _present(module: nn.Module, *names: str) -> list[str]:
+    return [n for n in names if getattr(module, n, None) is not None]
+
+
+# ------------------------------------------------------------------------------------------------ convolution
+
+def _conv_is_depthwise(m: nn.modules.conv._ConvNd) -> bool:
+    return m.groups > 1 and m.groups == m.in_channels
+
+
+@_register(SLICE_RULES, nn.modules.conv._ConvNd)
+def _conv_slices(m: nn.modules.conv._ConvNd, direction: str, pos: list[int]) -> list[Touch]:
+    w_out, w_in = (1, 0) if m.transposed else (0, 1)
+    if direction == "out":
+        touches = [Touch("weight", w_out, tuple(pos))]
+        if m.bias is not None:
+            touches.append(Touch("bias", 0, tuple(pos)))
+        return touches
+    if _conv_is_depthwise(m):
+        # an input channel of a depthwise conv owns its `multiplier` output filters
+        mult = m.out_channels // m.in_channels
+        rows = tuple(p * mult + k for p in pos for k in range(mult))
+        src = tuple(i for i in range(len(pos)) for _ in range(mult))
+        touches = [Touch("weight", w_out, rows, src)]
+        if m.bias is not None:
+            touches.append(Touch("bias", 0, rows, src))
+        return touches
+    if m.groups > 1:
+        # grouped conv: input channel c is column c % (in/groups); units are merged into stripes beforehand
+        per_group = m.in_channels // m.groups
+        return [Touch("weight", w_in, tuple(p % per_group for p in pos))]
+    return [Touch("weight", w_in, tuple(pos))]
+
+
+@_register(RESYNC_RULES, nn.modules.conv._ConvNd)
+def _conv_resync(m: nn.modules.conv._ConvNd) -> None:
+    if not m.transposed and _conv_is_depthwise(m):  # attributes still hold the pre-slicing sizes
+        mult = m.out_channels // m.in_channels
+        m.out_channels = m.weight.shape[0]
+        m.in_channels = m.groups = m.out_channels // mult
+    elif m.transposed:
+        m.in_channels, m.out_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+    else:
+        m.out_channels, m.in_channels = m.weight.shape[0], m.weight.shape[1] * m.groups
+
+
+# ------------------------------------------------------------------------------------------------ linear
+
+@_register(SLICE_RULES, nn.Linear)
+def _linear_slices(m: nn.Linear, direction: str, pos: list[int]) -> list[Touch]:
+    if direction == "out":
+        return [Touch("weight", 0, tuple(pos))] + ([Touch("bias", 0, tuple(pos))] if m.bias is not None else [])
+    return [Touch("weight", 1, tuple(pos))]
+
+
+@_register(RESYNC_RULES, nn.Linear)
+def _linear_resync(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+# ------------------------------------------------------------------------------------------------ norms
+
+@_register(SLICE_RULES, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _bn_slices(m: nn.Module, direction: str, pos: list[int]) -> list[Touch]:
+    names = _present(m, "weight", "bias", "running_mean", "running_var")
+    return [Touch(n, 0, tuple(pos)) for n in names]
+
+
+@_register(RESYNC_RULES, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+def _bn_resync(m: nn.Module) -> None:
+    ref = next((getattr(m, n) for n in ("weight", "running_mean") if getattr(m, n, None) is not None), None)
+    if ref is not None:
+        m.num_features = ref.shape[0]
+
+
+@_register(SLICE_RULES, nn.LayerNorm, nn.GroupNorm)
+def _ln_slices(m: nn.Module, direction: str, pos: list[int]) -> list[Touch]:
+    return [Touch(n, 0, tuple(pos)) for n in _present(m, "weight", "bias")]
+
+
+@_register(RESYNC_RULES, nn.LayerNorm)
+def _ln_resync(m: nn.LayerNorm) -> None:
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+@_register(RESYNC_RULES, nn.GroupNorm)
+def _gn_resync(m: nn.GroupNorm) -> None:
+    if m.weight is not None:
+        m.num_channels = m.weight.shape[0]
+
+
+@_register(SLICE_RULES, nn.PReLU)
+def _prelu_slices(m: nn.PReLU, direction: str, pos: list[int]) -> list[Touch]:
+    return [Touch("weight", 0, tuple(pos))] if m.num_parameters > 1 else []
+
+
+@_register(RESYNC_RULES, nn.PReLU)
+def _prelu_resync(m: nn.PReLU) -> None:
+    m.num_parameters = m.weight.shape[0]
+
+
+@_register(SLICE_RULES, nn.Embedding)
+def _embedding_slices(m: nn.Embedding, direction: str, pos: list[int]) -> list[Touch]:
+    return [Touch("weight", 1, tuple(pos))]
+
+
+@_register(RESYNC_RULES, nn.Embedding)
+def _embedding_resync(m: nn.Embedding) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _generic_resync(m: nn.Module) -> None:
+    """Modules following torch's ``normalized_shape`` convention (timm RmsNorm, SimpleNorm, ...)."""
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and isinstance(getattr(m, "normalized_shape", None), tuple):
+        m.normalized_shape = tuple(w.shape)
+
+
+RESYNC_RULES[nn.Module] = _generic_resync
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+def norm_kind(module: nn.Module) -> str | None:
+    """``"channel"`` for a module that normalises across channels (LayerNorm, RMSNorm, GroupNorm with fewer
+    groups than channels), so a removed channel changes its statistics; None otherwise (BatchNorm normalises each
+    channel on its own)."""
+    if isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        return None
+    if isinstance(module, nn.GroupNorm):
+        return "channel" if module.num_groups < module.num_channels else None
+    if isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        return "channel"
+    if isinstance(getattr(module, "normalized_shape", None), tuple) and hasattr(module, "eps"):
+        return "channel"
+    return None
+
+
+def is_per_task_stats(module: nn.Module) -> bool:
+    """Modules whose running statistics are kept per task (BatchNorm and friends)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
+
+
+# Attention modules keep static head counts; these are the attribute names torch/timm-style code uses.
+HEAD_COUNT_ATTRS = ("num_heads", "heads", "n_heads", "num_attention_heads", "n_head")
+HEAD_WIDTH_ATTRS = ("attn_dim", "all_head_dim", "inner_dim", "dim_attn", "attn_hidden_dim")
