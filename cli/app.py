@@ -18,6 +18,9 @@ app = typer.Typer(
 
 # (command name, module under anpyc.cli.commands); each module defines ``command``.
 COMMANDS: tuple[tuple[str, str], ...] = (
+    ("export", "export"),
+    ("predict", "predict"),
+    ("serve", "serve"),
 )
 
 for _name, _module in COMMANDS:

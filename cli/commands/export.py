@@ -1,0 +1,56 @@
+"""Export each learned task of a run as its own ONNX model, parity-checked against the masked model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def command(
+    run: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Run directory to export.")],
+    task: Annotated[Optional[int], typer.Option("--task", help="Export only this task id.")] = None,
+    all_tasks: Annotated[bool, typer.Option("--all", help="Export every learned task (the default).")] = False,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", file_okay=False, help="Output folder [default: RUN/export].")
+    ] = None,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset [default: the exporter's].")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Also write int8 models (task-NNN.int8.onnx).")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="onnxruntime threads for the checks.")] = 1,
+) -> None:
+    if task is not None and all_tasks:
+        raise typer.BadParameter("pass either --task N or --all, not both", param_hint="--task/--all")
+    if opset is not None and not 7 <= opset <= 30:
+        raise typer.BadParameter(f"opset {opset} is out of range; use 7..30 or leave it out", param_hint="--opset")
+    if threads < 1:
+        raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
+
+    from anpyc.export.exporter import CalibrationSource, export_all
+    from anpyc.learner import ContinualLearner
+
+    learner = ContinualLearner.load(run)
+    out_dir = out if out is not None else run / "export"
+    sidecars = export_all(learner, out_dir, tasks=None if task is None else [task], opset=opset, threads=threads)
+    for s in sidecars:
+        fallback = f" (fallback: {s['exporter_fallback_reason']})" if s["exporter_fallback_reason"] else ""
+        typer.echo(f"task {s['task']} {s['name']!r}: {out_dir / s['file']}  exporter={s['exporter']}{fallback} "
+                   f"opset={s['opset']} parity={s['parity']['max_abs_diff']:.2e} params={s['params']} "
+                   f"flops={s['flops']}")
+    if int8:
+        from anpyc.export.quantize import compare_int8, quantize_task
+
+        for s in sidecars:
+            t = s["task"]
+            calib = None
+            if isinstance(learner, CalibrationSource):
+                calib = learner.calibration_inputs(t, 64).detach().float().cpu().numpy()
+            entry = quantize_task(out_dir, t, calibration=calib, threads=threads)
+            if calib is not None:
+                r = compare_int8(out_dir, t, calib, threads=threads, record=True, note="calibration inputs")
+                typer.echo(f"task {t} int8 ({entry['mode']}): {out_dir / entry['file']}  "
+                           f"top-1 agreement={r['top1_agreement']:.3f} speed-up={r['speedup']:.2f}x")
+            else:
+                typer.echo(f"task {t} int8 ({entry['mode']}, no calibration data from the run: MatMul/Gemm only): "
+                           f"{out_dir / entry['file']}")
+    typer.echo(f"manifest: {out_dir / 'manifest.json'}")
