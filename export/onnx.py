@@ -149,6 +149,9 @@ def export_verified(
         try:
             with torch.no_grad():
                 _EXPORTERS[name](module, example, path, opset)
+            got = onnx_opset(path)
+            if opset is not None and got != opset:  # dynamo falls back to its own opset when conversion fails
+                raise ValueError(f"produced opset {got} instead of the requested {opset}")
             outputs = _verify(path, inputs, threads)
             diff = max_abs_diff(outputs, expected)
             if not diff <= atol:
@@ -162,7 +165,7 @@ def export_verified(
         reason = None
         if len(attempts) > 1:
             reason = "; ".join(f"{a['exporter']} failed: {a['error']}" for a in attempts[:-1])
-        return ExportResult(name, onnx_opset(path), outputs, diff, reason, attempts)
+        return ExportResult(name, got, outputs, diff, reason, attempts)
     detail = " | ".join(f"{a['exporter']}: {a['error']}" for a in attempts)
     diffs = [a["diff"] for a in attempts if a["diff"] is not None]
     if diffs:

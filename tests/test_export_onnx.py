@@ -180,6 +180,16 @@ def test_other_backbone_in_same_dir_is_refused(tmp_path):
         export_task(other, 0, tmp_path)
 
 
+@pytest.mark.parametrize("opset", [17, 18])
+def test_requested_opset_is_honoured(tmp_path, opset):
+    # dynamo exports opset 18+ and silently keeps 18 when down-conversion fails; that counts as a failure, so a
+    # requested opset 17 comes from the TorchScript fallback if need be, never a different opset.
+    s = export_task(timm_source("test_convnext"), 0, tmp_path, opset=opset)
+    assert s["opset"] == opset == export_onnx.onnx_opset(tmp_path / "task-000.onnx")
+    assert s["parity"]["max_abs_diff"] <= 1e-4
+    assert (s["exporter"] == "dynamo") == (s["exporter_fallback_reason"] is None)
+
+
 def test_fallback_to_torchscript_is_recorded(tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated dynamo failure")
