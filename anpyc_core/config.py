@@ -39,7 +39,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     batch_size: int = 64
-    epochs: int = 5
+    epochs: int = 10
     grad_clip: float = 0.0  # 0 disables clipping
     dropout: float = 0.0  # dropout on the features before the task head
 
@@ -67,13 +67,13 @@ class PruneConfig:
 
     mode: str = "guarded"
     granularity: str = "unit"
-    tolerance: float = 0.01
-    step: float = 0.1
-    min_step: float = 0.025
+    tolerance: float = 0.02
+    step: float = 0.2
+    min_step: float = 0.05
     max_ratio: float = 0.95
     first_ratio: float = 0.5
     decay: float = 0.8
-    retrain_epochs: int = 1
+    retrain_epochs: int = 2
     prune_final: bool = True
     min_units_per_group: int = 1
 
@@ -214,9 +214,14 @@ def method_config(name: str, **overrides: Any) -> LearnerConfig:
     return override(cfg, overrides) if overrides else cfg
 
 
-@METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, guarded pruning, gated consolidation")
+@METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, guarded pruning, earlier tasks frozen")
 def _anpyc() -> LearnerConfig:
-    return LearnerConfig(method="anpyc")
+    return LearnerConfig(method="anpyc", consolidation=ConsolidationConfig(rule="hard"))
+
+
+@METHODS.register("anpyc-soft", help="ANPyC with soft consolidation: quadratic penalty plus importance-gated updates")
+def _anpyc_soft() -> LearnerConfig:
+    return LearnerConfig(method="anpyc-soft", consolidation=ConsolidationConfig(rule="gate"))
 
 
 @METHODS.register("paper", help="the original ANPyC: unstructured masks, fixed schedule, SGD, lambda 3")

@@ -92,6 +92,10 @@ class MaskSpace(ABC):
         """Owner of every element of tensor ``name``: the latest owner among the units it belongs to."""
 
     @abstractmethod
+    def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per tensor: bool mask of the elements that belong to any unit in ``units`` (a bool vector)."""
+
+    @abstractmethod
     def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
         """Aggregate element scores into one score per unit, normalised per parameter of the unit."""
 
@@ -171,6 +175,22 @@ class UnitSpace(MaskSpace):
             owner = torch.maximum(owner, _bshape(ext[ids], len(shape), dim).expand(shape))
         return owner
 
+    def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
+        ext = self._ext(units.bool(), False)
+        out = {}
+        for name, dims in self.structure.tensor_units.items():
+            shape = self.structure.tensor_shapes[name]
+            mask = None
+            for dim, ids in dims.items():
+                m = ext[ids]
+                if not bool(m.any()):
+                    continue
+                m = _bshape(m, len(shape), dim).expand(shape)
+                mask = m.clone() if mask is None else mask | m
+            if mask is not None:
+                out[name] = mask
+        return out
+
     def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
         total = torch.zeros(self.num_units, dtype=torch.float64)
         for name, dims in self.structure.tensor_units.items():
@@ -241,6 +261,14 @@ class ElementSpace(MaskSpace):
         if name in self.offsets:
             return self._view(self.owners, name).clone()
         return torch.zeros(shape, dtype=torch.uint8)
+
+    def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.names:
+            m = self._view(units.bool(), n)
+            if bool(m.any()):
+                out[n] = m.clone()
+        return out
 
     def unit_scores(self, element_scores: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []

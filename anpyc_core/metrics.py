@@ -37,8 +37,9 @@ def forgetting(R: Matrix) -> list[float]:
     T = len(R)
     out = []
     for j in range(T - 1):
-        best = max(R[i][j] for i in range(j, T - 1) if R[i][j] is not None)
-        out.append(best - R[T - 1][j])
+        earlier = [R[i][j] for i in range(j, T - 1) if j < len(R[i]) and R[i][j] is not None]
+        if earlier and R[T - 1][j] is not None:
+            out.append(max(earlier) - R[T - 1][j])
     return out
 
 

@@ -153,11 +153,28 @@ def walk(
     verify: bool = True,
     seed: int = 0,
     model_name: str | None = None,
+    layout: list[dict] | None = None,
 ) -> Structure:
-    """Find the prunable unit groups of ``trunk`` (any nn.Module returning ``[B, F]`` features) on ``example``."""
+    """Find the prunable unit groups of ``trunk`` (any nn.Module returning ``[B, F]`` features) on ``example``.
+
+    With ``layout`` (the ``groups`` of a saved mask schema: name, kind, size), the walk rebuilds exactly that
+    layout without re-verifying, so a resumed run gets the units it was trained with.
+    """
     nf = num_features or feature_count(trunk, example)
     name = model_name or type(trunk).__name__
     raw = trace_groups(trunk, example, nf)
+    if layout is not None:
+        heads = {g["name"] for g in layout if g["kind"] == "heads"}
+        no_heads_saved = frozenset(r.root for r in raw) - heads
+        structure = build_structure(trunk, raw, nf, name, no_heads=no_heads_saved)
+        wanted = [g["name"] for g in layout]
+        structure = structure.without({g.name: "not in the saved layout" for g in structure.groups
+                                       if g.name not in set(wanted)})
+        got = [(g.name, g.kind, g.size) for g in structure.groups]
+        if got != [(g["name"], g["kind"], g["size"]) for g in layout]:
+            raise ModelError("the backbone's structure differs from the one this run was trained with",
+                             "resume with the same model, input size and anpyc version")
+        return structure
     no_heads: set[str] = set()
     dropped: dict[str, str] = {}
     for attempt in range(6):
