@@ -7,7 +7,9 @@ aggregates them over everything a unit owns (structure-aware importance). Measur
   output entropy, averaged over batches. The entropy is the *batch mean* (not the batch sum of the original),
   so ``g`` is an average per-sample gradient and the scores do not grow with the batch size.
 * ``magnitude`` (PackNet): ``|theta|``.
-* ``fisher`` (EWC): mean squared gradient of the cross-entropy on the task's labelled data.
+* ``fisher`` (EWC): the empirical Fisher, estimated per mini-batch as ``B * (batch-mean gradient)^2`` of the
+  cross-entropy (an unbiased estimate of the mean per-sample squared gradient when the mean gradient is ~0, as at
+  the end of training), so it does not depend on the batch size.
 * ``mas`` (Memory Aware Synapses): mean absolute gradient of the squared L2 norm of the outputs (label-free).
 * ``si`` (Synaptic Intelligence): the path integral ``-sum g * delta_theta`` accumulated while training,
   divided by ``(total change)^2 + xi``.
@@ -60,7 +62,7 @@ class Importance:
 
 def _grad_scores(forward: Forward, params: dict[str, torch.Tensor], batches: Batches,
                  objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+                 score: Callable[..., torch.Tensor]) -> dict[str, torch.Tensor]:
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
     names = list(params)
@@ -71,7 +73,7 @@ def _grad_scores(forward: Forward, params: dict[str, torch.Tensor], batches: Bat
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
         for n, p, g in zip(names, tensors, grads):
             if g is not None:
-                total[n] += score(g.detach().float(), p.detach().float())
+                total[n] += score(g.detach().float(), p.detach().float(), int(x.shape[0]))
         count += 1
     return {n: t / max(count, 1) for n, t in total.items()}
 
@@ -86,7 +88,7 @@ class EntropyTaylor(Importance):
     """ANPyC: second-order Taylor estimate of the change in output entropy, label-free."""
 
     def compute(self, forward, params, batches):
-        def score(g, p):
+        def score(g, p, b):
             gp = g * p
             return torch.relu(gp + 0.5 * gp * gp)
 
@@ -105,10 +107,11 @@ class Magnitude(Importance):
 
 @IMPORTANCE.register("fisher")
 class Fisher(Importance):
-    """EWC: mean squared gradient of the cross-entropy (empirical Fisher, per mini-batch)."""
+    """EWC: empirical Fisher of the cross-entropy, ``B * (batch-mean gradient)^2`` per mini-batch."""
 
     def compute(self, forward, params, batches):
-        return _grad_scores(forward, params, batches, lambda out, y: F.cross_entropy(out, y), lambda g, p: g * g)
+        return _grad_scores(forward, params, batches, lambda out, y: F.cross_entropy(out, y),
+                            lambda g, p, b: b * g * g)
 
 
 @IMPORTANCE.register("mas")
@@ -117,7 +120,7 @@ class MAS(Importance):
 
     def compute(self, forward, params, batches):
         return _grad_scores(forward, params, batches, lambda out, y: out.float().pow(2).sum(1).mean(),
-                            lambda g, p: g.abs())
+                            lambda g, p, b: g.abs())
 
 
 @IMPORTANCE.register("si")

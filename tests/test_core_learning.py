@@ -1,0 +1,114 @@
+"""Learning on real offline data, and the pieces the learner is built from (metrics, importance, rules)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import anpyc
+from anpyc.config import ConfigError, from_dict, method_config, LearnerConfig
+from anpyc.consolidation import create_consolidation
+from anpyc.config import ConsolidationConfig
+from anpyc.importance import create_importance
+from anpyc.metrics import continual_metrics
+
+
+def test_digits_split_learns_with_spare_capacity():
+    """sklearn digits, 5 two-class tasks: ACC well above chance (0.5), no forgetting, capacity left over."""
+    from anpyc.adapters.data import make_stream
+
+    stream = make_stream("digits-split", img_size=32)
+    cfg = method_config("anpyc", **{"optim.epochs": 8, "optim.batch_size": 32, "prune.step": 0.2,
+                                    "prune.min_step": 0.05, "prune.retrain_epochs": 2, "prune.tolerance": 0.02})
+    learner = anpyc.ContinualLearner("test_resnet", input_spec=stream.input_spec, config=cfg)
+    m = learner.fit(stream)
+    assert m["num_tasks"] == 5
+    assert m["acc"] >= 0.85, m["accuracy_matrix"]
+    assert m["bwt"] == 0.0  # hard freeze: earlier tasks cannot move
+    assert m["capacity"][-1] < 0.9, m["capacity"]
+    assert all(a <= b + 1e-9 for a, b in zip(m["capacity"], m["capacity"][1:]))
+    assert all(p < m["dense_params"] for p in m["task_params"])
+    assert all(0 < f <= m["dense_flops"] for f in m["task_flops"])
+
+
+def test_metrics_on_a_known_matrix():
+    R = [[0.9], [0.8, 0.7], [0.6, 0.7, 1.0]]
+    m = continual_metrics(R)
+    assert math.isclose(m["acc"], (0.6 + 0.7 + 1.0) / 3)
+    assert math.isclose(m["bwt"], ((0.6 - 0.9) + (0.7 - 0.7)) / 2)
+    assert [round(f, 6) for f in m["forgetting"]] == [0.3, 0.0]
+
+
+def test_config_rejects_unknown_keys_and_wrong_types():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        from_dict(LearnerConfig, {"optim": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match="'seed' must be an integer"):
+        from_dict(LearnerConfig, {"seed": "zero"})
+    with pytest.raises(ConfigError, match="unknown method 'ewcc'"):
+        method_config("ewcc")
+    cfg = method_config("ewc", **{"optim.lr": 0.5})
+    assert cfg.optim.lr == 0.5 and cfg.importance.measure == "fisher" and cfg.prune.mode == "none"
+
+
+def _toy():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    x = torch.randn(256, 8)
+    y = torch.randint(0, 3, (256,))
+    return net, x, y
+
+
+@pytest.mark.parametrize("measure", ["entropy_taylor", "fisher", "mas"])
+def test_importance_does_not_scale_with_batch_size(measure):
+    net, x, y = _toy()
+    params = dict(net.named_parameters())
+    imp = create_importance(measure)
+
+    def scores(bs):
+        batches = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+        s = imp.compute(net, params, batches)
+        return sum(float(v.sum()) for v in s.values())
+
+    small, large = scores(16), scores(128)
+    assert small > 0 and large > 0
+    assert 0.25 < small / large < 4.0, (small, large)  # a summed-over-batch score would differ ~8x
+
+
+def test_entropy_taylor_matches_its_formula():
+    net, x, y = _toy()
+    params = dict(net.named_parameters())
+    s = create_importance("entropy_taylor").compute(net, params, [(x, y)])
+    logp = torch.log_softmax(net(x), 1)
+    h = -(logp.exp() * logp).sum(1).mean()
+    g = torch.autograd.grad(h, list(params.values()))
+    for (n, p), gi in zip(params.items(), g):
+        gp = gi * p
+        assert torch.allclose(s[n], torch.relu(gp + 0.5 * gp * gp), atol=1e-7)
+
+
+def test_consolidation_rules():
+    p = torch.nn.Parameter(torch.ones(4))
+    params = {"w": p}
+    omega = {"w": torch.tensor([0.0, 1.0, 2.0, 4.0])}
+    anchor = {"w": torch.zeros(4)}
+    old = {"w": torch.tensor([True, True, True, False])}
+    quad = create_consolidation(ConsolidationConfig(rule="quadratic", strength=2.0))
+    quad.begin(params, omega, anchor, old)
+    # omega normalised by its mean over old, non-zero elements (1.5): (0 + 1/1.5 + 2/1.5) * 1^2 * 2
+    assert math.isclose(float(quad.penalty(params)), 2.0 * 3.0 / 1.5, rel_tol=1e-6)
+    hard = create_consolidation(ConsolidationConfig(rule="hard"))
+    hard.begin(params, omega, anchor, old)
+    p.grad = torch.ones(4)
+    hard.gate(params)
+    assert p.grad.tolist() == [0.0, 0.0, 0.0, 1.0]
+    with torch.no_grad():
+        p.add_(5.0)
+    hard.after_step(params)
+    assert p.detach().tolist() == [0.0, 0.0, 0.0, 6.0]
+    gate = create_consolidation(ConsolidationConfig(rule="gate", gate_quantile=1.0))
+    gate.begin(params, omega, anchor, old)
+    p.grad = torch.ones(4)
+    gate.gate(params)
+    assert p.grad.tolist() == pytest.approx([1.0, 0.5, 0.0, 1.0])
