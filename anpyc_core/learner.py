@@ -188,6 +188,7 @@ class ContinualLearner:
         self._data: dict[int, Task] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._optim_state: dict | None = None
+        self._ddp = None
 
         # ------------------------------------------------------------ run directory
         self.run: RunDir | None = None
@@ -466,23 +467,11 @@ class ContinualLearner:
                 for n, p in self._params().items()}
 
     def _forward_train(self, k: int) -> Callable:
-        if self.config.replay != "all":
-            return lambda x, batch: self.model(x, k)
-        width = max(len(r["classes"]) for r in self.tasks)
-
-        def forward(x, batch):
-            tasks = batch[2].to(self.device)
-            f = self.model.features(x)
-            if self.model.feature_dropout > 0:
-                f = F.dropout(f, self.model.feature_dropout, self.model.training)
-            out = torch.full((x.shape[0], width), -1e4, device=x.device, dtype=f.dtype)
-            for j in tasks.unique().tolist():
-                sel = tasks == j
-                logits = self.model.heads[str(j)](f[sel])
-                out[sel, : logits.shape[1]] = logits
-            return out
-
-        return forward
+        """The training forward: through DDP under torchrun; per-sample heads when replaying all tasks."""
+        model = self._ddp if self._ddp is not None else self.model
+        if self.config.replay == "all":
+            return lambda x, batch: model(x, batch[2].to(self.device))
+        return lambda x, batch: model(x, k)
 
     def _train_dataset(self, task: Task, k: int) -> Dataset:
         if self.config.replay == "all":
@@ -501,6 +490,7 @@ class ContinualLearner:
             if self.config.replay == "all":
                 head_params = [p for j in range(k + 1) for p in self.model.heads[str(j)].parameters()]
             self._optimizer = make_optimizer(list(params.values()) + head_params, cfg)
+            self._ddp = self._wrap_ddp()
             if self._optim_state is not None:
                 self._optimizer.load_state_dict(self._optim_state)
                 self._optim_state = None
@@ -512,8 +502,6 @@ class ContinualLearner:
         seed = derive_seed(self.config.seed, task.id, phase, step, epoch)
         torch.manual_seed(seed)
         loader = make_loader(self._train_dataset(task, k), cfg.batch_size, shuffle=True, seed=seed, ctx=self.ctx)
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         self.model.train()
         ddp_forward = self._forward_train(k)
         total = len(loader)
@@ -522,17 +510,25 @@ class ContinualLearner:
             on_batch=(lambda b, loss: [c.on_batch(phase, b, total, loss) for c in self.callbacks]) if self.callbacks
             else None,
         )
-        self._sync_params()
+        self._sync_stats(k)
         return res
 
-    def _sync_params(self) -> None:
-        """Under DDP every rank ends an epoch with identical weights (gradients are averaged)."""
+    def _wrap_ddp(self):
+        """DistributedDataParallel over the masked model under torchrun (None in a single process)."""
+        if not self.ctx.enabled:
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=True,
+                                       broadcast_buffers=False)
+
+    def _sync_stats(self, k: int) -> None:
+        """Per-task running statistics are averaged across ranks after every epoch (each saw its own shard)."""
         if self.ctx.enabled:
-            for p in self.trunk.parameters():
-                self.ctx.broadcast_(p.data)
-            for h in self.model.heads.values():
-                for p in h.parameters():
-                    self.ctx.broadcast_(p.data)
+            for v in self.stats.get(k, {}).values():
+                if v.is_floating_point():
+                    self.ctx.all_reduce_mean_(v)
 
     def _eval(self, k: int, dataset: Dataset | None) -> float | None:
         if dataset is None or len(dataset) == 0:
@@ -552,7 +548,8 @@ class ContinualLearner:
         self.model.eval()
         params = self._params()
         batches = take_batches(task.train, cfg.batch_size, cfg.max_batches,
-                               derive_seed(self.config.seed, task.id, "importance", len(self.history)), self.device)
+                               derive_seed(self.config.seed, task.id, "importance", len(self.history)), self.device,
+                               self.ctx)
         scores = self.tracker.compute(lambda x: self.model(x, k), params, batches)
         for s in scores.values():
             self.ctx.all_reduce_mean_(s)
@@ -664,14 +661,15 @@ class ContinualLearner:
 
     @classmethod
     def _open(cls, out_dir, model, *, callbacks, lock: bool) -> "ContinualLearner":
-        run = RunDir(out_dir, create=lock, lock=lock)
-        manifest = run.manifest()
+        manifest = RunDir(out_dir, lock=False).manifest()
         try:
             config = from_dict(LearnerConfig, manifest["config"])
             spec = InputSpec.from_dict(manifest["input_spec"])
             backbone = manifest["backbone"]
         except (KeyError, TypeError) as e:
-            raise RunDirError(f"run manifest {run.manifest_path} is incomplete ({e})", "re-create the run") from None
+            raise RunDirError(f"run manifest in {out_dir} is incomplete ({e})", "re-create the run") from None
+        lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
+        run = RunDir(out_dir, create=lock, lock=lock)
         if model is None:
             if not backbone.get("factory"):
                 raise ModelError(f"run {out_dir} was trained on a custom module ({backbone.get('class')})",

@@ -235,8 +235,18 @@ class MaskedModel(nn.Module):
             f = f * self._feature_mask
         return f
 
-    def forward(self, x: torch.Tensor, task: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task: int | torch.Tensor) -> torch.Tensor:
+        """Logits of task ``task``; with a tensor of per-sample task ids (joint training), each sample goes
+        through its own task's head and logits are padded to the widest head with -1e4."""
         f = self.features(x)
         if self.feature_dropout > 0:
             f = F.dropout(f, self.feature_dropout, self.training)
-        return self.heads[str(task)](f)
+        if not isinstance(task, torch.Tensor):
+            return self.heads[str(task)](f)
+        width = max(h.out_features for h in self.heads.values())
+        out = torch.full((x.shape[0], width), -1e4, device=f.device, dtype=f.dtype)
+        for j in task.unique().tolist():
+            sel = task == j
+            logits = self.heads[str(j)](f[sel])
+            out[sel, : logits.shape[1]] = logits
+        return out

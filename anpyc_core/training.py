@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils.collate import default_collate
 
 from .config import OptimConfig
 from .consolidation import Consolidation
@@ -21,7 +22,7 @@ from .dist import DistContext
 from .errors import TrainingDiverged
 from .importance import Importance
 
-__all__ = ["derive_seed", "make_loader", "make_optimizer", "train_epoch", "evaluate", "EpochResult", "take_batches"]
+__all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "train_epoch", "evaluate", "EpochResult", "take_batches"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -29,16 +30,39 @@ def derive_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
 
 
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, ctx: DistContext | None = None,
-                drop_last: bool = False) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    if ctx is not None and ctx.enabled:
-        from torch.utils.data.distributed import DistributedSampler
+@dataclass(frozen=True)
+class BatchPlan:
+    """The batches of one epoch for this process: ``(indices, weight)`` pairs.
 
-        sampler = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-                                     seed=seed, drop_last=drop_last)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last)
+    Batches are cut from one global permutation of ``dataset``; under torchrun each rank takes its interleaved
+    share of every global batch, and ``weight`` = ``local_size * world / global_size`` rescales the rank's mean
+    loss so that DDP's gradient average equals the gradient of the global batch's mean loss: a run on N processes
+    follows the single-process trajectory. A rank whose share of a (short) last batch is empty computes one
+    sample with weight 0, so it still joins the gradient all-reduce.
+    """
+
+    dataset: Dataset
+    batches: tuple[tuple[tuple[int, ...], float], ...]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for idx, weight in self.batches:
+            yield default_collate([self.dataset[i] for i in idx]), weight
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, ctx: DistContext | None = None
+                ) -> BatchPlan:
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(n)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.enabled else (0, 1)
+    batches = []
+    for start in range(0, n, batch_size):
+        glob = order[start: start + batch_size].tolist()
+        mine = glob[rank::world]
+        batches.append((tuple(mine), len(mine) * world / len(glob)) if mine else ((glob[0],), 0.0))
+    return BatchPlan(dataset, tuple(batches))
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -61,8 +85,8 @@ class EpochResult:
 
 
 def train_epoch(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    loader: DataLoader,
+    forward: Callable[[torch.Tensor, tuple], torch.Tensor],
+    loader: BatchPlan,
     optimizer: torch.optim.Optimizer,
     params: dict[str, torch.nn.Parameter],
     consolidation: Consolidation,
@@ -79,12 +103,13 @@ def train_epoch(
     correct = seen = 0
     n = 0
     trainable = [p for p in optimizer.param_groups[0]["params"]]
-    for batch in loader:
+    for batch, weight in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         logits = forward(x, batch)
         loss = F.cross_entropy(logits, y)
         pen = consolidation.penalty(params)
-        full = loss + pen if pen is not None else loss
+        full = loss * weight if weight != 1.0 else loss
+        full = full + pen if pen is not None else full
         if not torch.isfinite(full):
             raise TrainingDiverged(f"the loss became {float(full)} (not finite) at batch {n}",
                                    "lower the learning rate (--lr) or the consolidation strength; the last good "
@@ -103,10 +128,11 @@ def train_epoch(
                     params[name].sub_(params[name] * m, alpha=factor)
         consolidation.after_step(params)
         tracker.after_step(params)
-        total_loss += float(loss.detach())
-        total_pen += float(pen.detach()) if pen is not None else 0.0
-        correct += int((logits.detach().argmax(1) == y).sum())
-        seen += int(y.numel())
+        if weight > 0:
+            total_loss += float(loss.detach())
+            total_pen += float(pen.detach()) if pen is not None else 0.0
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += int(y.numel())
         n += 1
         if on_batch is not None:
             on_batch(n, float(loss.detach()))
@@ -128,11 +154,15 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, 
     return correct / total
 
 
-def take_batches(dataset: Dataset, batch_size: int, max_batches: int, seed: int, device: torch.device
-                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Up to ``max_batches`` shuffled batches (0 = all) for importance estimation."""
-    loader = make_loader(dataset, batch_size, shuffle=True, seed=seed)
-    for i, batch in enumerate(loader):
+def take_batches(dataset: Dataset, batch_size: int, max_batches: int, seed: int, device: torch.device,
+                 ctx: DistContext | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Up to ``max_batches`` shuffled batches (0 = all) for importance estimation; under torchrun each rank takes
+    every world-th batch (the caller averages the scores across ranks)."""
+    plan = make_loader(dataset, batch_size, shuffle=True, seed=seed)
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.enabled else (0, 1)
+    for i, (idx, _) in enumerate(plan.batches):
         if max_batches and i >= max_batches:
             break
-        yield batch[0].to(device), batch[1].to(device)
+        if i % world == rank:
+            batch = default_collate([dataset[j] for j in idx])
+            yield batch[0].to(device), batch[1].to(device)

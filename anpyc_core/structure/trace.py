@@ -8,6 +8,7 @@ nothing downstream depends on Torch-Pruning's types and the graph can be dropped
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -35,9 +36,13 @@ class RawItem:
 
 @dataclass
 class RawGroup:
+    """A traced group rooted at a conv/linear output; ``problem`` says why its trace cannot be trusted (an index
+    mapping of Torch-Pruning failed on an operation it passes through), in which case it is rejected downstream."""
+
     root: str
     size: int
     items: list[RawItem] = field(default_factory=list)
+    problem: str | None = None
 
 
 class _Probe(nn.Module):
@@ -66,29 +71,149 @@ def trace_groups(trunk: nn.Module, example: torch.Tensor, num_features: int) -> 
     pnames = {id(p): n[len(prefix):] for n, p in wrapper.named_parameters() if n.startswith(prefix)}
     probe = getattr(wrapper, PROBE)
     names[probe] = PROBE
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.enable_grad():
-                dg = tp.DependencyGraph().build_dependency(wrapper, example_inputs=example, verbose=False)
-    except Exception as e:  # tracing is best-effort; the caller reports the model as not walkable
-        raise ModelError(f"could not trace {type(trunk).__name__} ({type(e).__name__}: {e})",
+    problems: dict[int, str] = {}
+    errors = []
+    dg = None
+    # a second attempt on a single-sample batch: a few models trace differently (or only) without batch statistics
+    for ex in (example, example[:1]):
+        problems.clear()
+        try:
+            with warnings.catch_warnings(), _guarded_index_mapping(problems):
+                warnings.simplefilter("ignore")
+                with torch.enable_grad():
+                    dg = tp.DependencyGraph().build_dependency(wrapper, example_inputs=ex, verbose=False)
+            break
+        except Exception as e:  # tracing is best-effort; the caller reports the model as not walkable
+            errors.append(f"{type(e).__name__}: {e}")
+        finally:
+            trunk.train(was_training)
+    if dg is None:
+        raise ModelError(f"could not trace {type(trunk).__name__} ({errors[0][:300]})",
                          "check that the model runs on the given input size; file an issue with the model name")
-    finally:
-        trunk.train(was_training)
     try:
-        return _components(dg, names, pnames, probe)
+        return _components(dg, names, pnames, probe, problems)
     except Exception as e:
         raise ModelError(f"could not group the channels of {type(trunk).__name__} ({type(e).__name__}: {e})",
                          "file an issue with the model name") from None
 
 
-def _components(dg, names: dict, pnames: dict, probe: nn.Module) -> list[RawGroup]:
+# ================================================================================================ index mappings
+
+@contextmanager
+def _guarded_index_mapping(problems: dict[int, str]):
+    """Run Torch-Pruning's shape inference and index-mapping passes node by node, so that one operation it cannot
+    map (a concat whose input sizes it cannot infer, ...) poisons only the groups passing through that node instead
+    of failing the whole build. Concat sizes are read from autograd's own shape metadata first."""
+    from torch_pruning.dependency import index_mapping as im
+    from torch_pruning.dependency import shape_infer as si
+
+    original_update, original_shapes = im.update_index_mapping, si.init_shape_information
+
+    def shapes(graph) -> None:
+        try:
+            original_shapes(graph)
+        except Exception as e:
+            for node in graph.module2node.values():
+                if _optype(node) == "SPLIT" and getattr(node.module, "offsets", None) is None:
+                    problems[id(node)] = f"split sizes unknown ({type(e).__name__})"
+
+    def update(graph) -> None:
+        passes = {"CONCAT": _concat_mapping, "SPLIT": im.update_split_index_mapping,
+                  "RESHAPE": im.update_reshape_index_mapping, "UNBIND": im.update_unbind_index_mapping,
+                  "EXPAND": im.update_expand_index_mapping, "SLICE": im.update_slice_index_mapping}
+        for node in list(graph.module2node.values()):
+            fn = passes.get(_optype(node))
+            if fn is None:
+                continue
+            try:
+                fn(graph, node)
+            except Exception as e:
+                problems[id(node)] = f"cannot map channels through {_optype(node).lower()} ({type(e).__name__}: {e})"
+
+    im.update_index_mapping, si.init_shape_information = update, shapes
+    try:
+        yield
+    finally:
+        im.update_index_mapping, si.init_shape_information = original_update, original_shapes
+
+
+def _optype(node) -> str:
+    return getattr(node.type, "name", str(node.type))
+
+
+def _concat_mapping(graph, node) -> None:
+    """Channel offsets of a concat along dim 1 from the real shapes autograd recorded (Torch-Pruning infers them
+    from neighbouring layers and gives up on slices); other concat dims leave channels in place, as in TP."""
+    from torch_pruning.dependency import index_mapping as im
+
+    g = node.grad_fn
+    try:
+        out_shape = list(g._input_metadata[0].shape)
+        dim = int(g._saved_dim) % len(out_shape)
+    except Exception:
+        return im.update_concat_index_mapping(graph, node)
+    if dim != 1 or not node.enable_index_mapping:
+        return None
+    try:  # as in TP: a concat whose width is not the channel count downstream is not a channel concat (tokens)
+        from torch_pruning.dependency import shape_infer as si
+
+        width = si.infer_in_channels_recursively(graph, node, recursive_depth=[0])
+    except Exception:
+        width = None
+    if width is not None and width != out_shape[dim]:
+        return None
+    sizes: list[int | None] = []
+    for f, nr in g.next_functions:
+        sizes.append(None if f is None else int(f._input_metadata[nr].shape[dim]))
+    unknown = [i for i, s in enumerate(sizes) if s is None]
+    if len(unknown) == 1:
+        sizes[unknown[0]] = out_shape[dim] - sum(s for s in sizes if s is not None)
+    elif unknown:
+        raise ValueError("several concat inputs without autograd history")
+    if sum(sizes) != out_shape[dim]:
+        raise ValueError(f"concat sizes {sizes} do not add up to {out_shape[dim]}")
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + s)
+    # inputs Torch-Pruning tracked, in next_functions order (it skips constants and plain leaf tensors)
+    tracked = [i for i, (f, _) in enumerate(g.next_functions) if f is not None and (
+        "accumulategrad" not in f.name().lower() or _is_node_input(node, f))]
+    if len(tracked) != len(node.inputs):
+        raise ValueError(f"{len(node.inputs)} traced concat inputs for {len(tracked)} autograd inputs")
+    node.module.concat_sizes = [sizes[i] for i in tracked]
+    node.module.offsets = offsets
+    used: list = []
+    for k, in_node in zip(tracked, node.inputs):
+        span = offsets[k: k + 2]
+        for dep in node.dependencies:
+            if dep.target is in_node and not any(dep is d for d in used):
+                dep.index_mapping[1] = im._ConcatIndexMapping(offset=span, reverse=True)
+                used.append(dep)
+                break
+    used = []
+    for k, in_node in zip(tracked, node.inputs):
+        span = offsets[k: k + 2]
+        for dep in in_node.dependencies:
+            if dep.target is node and not any(dep is d for d in used):
+                dep.index_mapping[1] = im._ConcatIndexMapping(offset=span, reverse=False)
+                used.append(dep)
+                break
+    return None
+
+
+def _is_node_input(node, grad_fn) -> bool:
+    variable = getattr(grad_fn, "variable", None)
+    return any(n.module is variable for n in node.inputs)
+
+
+def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[int, str]) -> list[RawGroup]:
     """Channel coupling as connected components over (node, side, channel) triples.
 
     Torch-Pruning's own group search re-walks the graph for every distinct index subset, which explodes on
     models with channel slicing (ReXNet's partial residuals); propagating each channel once and joining
-    coupled channels with union-find gives the same groups in time linear in the graph.
+    coupled channels with union-find gives the same groups in time linear in the graph. An index mapping that
+    raises (or returns channels without a root) poisons the nodes on both ends: the groups through them are
+    reported with a ``problem`` instead of failing the walk.
     """
     from torch_pruning import _helpers
 
@@ -140,14 +265,20 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module) -> list[RawGrou
             for dep in node.dependencies:
                 if not dep.is_triggered_by(fn):
                     continue
-                mapped = [_helpers._HybridIndex(idx=i, root_idx=i) for i in fresh]
-                for mapping in dep.index_mapping:
-                    if mapping is not None:
-                        mapped = mapping(mapped)
-                if not mapped:
+                try:
+                    mapped = [_helpers._HybridIndex(idx=i, root_idx=i) for i in fresh]
+                    for mapping in dep.index_mapping:
+                        if mapping is not None:
+                            mapped = mapping(mapped)
+                    pairs = [(int(h.idx), int(h.root_idx)) for h in mapped]
+                except Exception as e:
+                    why = f"cannot map channels between {_label(node)} and {_label(dep.target)} ({type(e).__name__})"
+                    problems.setdefault(id(node), why)
+                    problems.setdefault(id(dep.target), why)
+                    continue
+                if not pairs:
                     continue
                 tkey = (id(dep.target), dep.handler)
-                pairs = [(int(h.idx), int(h.root_idx)) for h in mapped]
                 for j, i in pairs:
                     union(tid(key + (i,)), tid(tkey + (j,)))
                 stack.append((dep.target, dep.handler, [j for j, _ in pairs]))
@@ -178,6 +309,7 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module) -> list[RawGrou
     order = {id(n): i for i, n in enumerate(dg.module2node.values())}
     for members in grouped.values():
         members.sort(key=lambda k: order.get(k[0], 0))
+        problem = next((problems[k[0]] for k in members if k[0] in problems), None)
         classes: dict[int, int] = {}
         items: list[RawItem] = []
         root_name = None
@@ -198,6 +330,11 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module) -> list[RawGrou
                 root_name = names[target]
             items.append(RawItem(names[target], "module", direction, positions, cls))
         if root_name is not None and items:
-            out.append(RawGroup(root=root_name, size=len(classes), items=items))
+            out.append(RawGroup(root=root_name, size=len(classes), items=items, problem=problem))
     del dg
     return out
+
+
+def _label(node) -> str:
+    name = getattr(node, "_name", None)
+    return name or type(node.module).__name__.strip("_")

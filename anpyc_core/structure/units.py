@@ -24,7 +24,8 @@ import torch.nn as nn
 from .layers import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS, Touch, norm_kind, slices_for
 from .trace import PROBE, RawGroup
 
-__all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "build_structure", "Rejected"]
+__all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "build_structure", "Rejected",
+           "HEAD_MODES"]
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,7 @@ class Structure:
         payload = {
             "tensors": sorted((k, list(v)) for k, v in self.tensor_shapes.items()),
             "groups": [(g.name, g.kind, g.size) for g in self.groups],
+            "slices": [[(s.tensor, s.dim, list(s.positions), list(s.units)) for s in g.slices] for g in self.groups],
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -171,6 +173,9 @@ class Structure:
 
 
 # ================================================================================================ building
+
+HEAD_MODES = ("heads", "heads-major", "off")  # how an attention module's heads are laid out; "off" = channels
+
 
 class _UnionFind:
     def __init__(self, n: int):
@@ -197,8 +202,20 @@ def _union_by_key(uf: _UnionFind, roots: list[int], keys: list[int]) -> None:
             first[k] = r
 
 
-def _attention_modules(trunk: nn.Module) -> dict[str, tuple[int, tuple[str, ...], tuple[str, ...], int | None]]:
-    """Modules carrying a static head count: name -> (heads, width attrs, count attrs, head_dim or None)."""
+@dataclass(frozen=True)
+class _Attention:
+    heads: int
+    widths: tuple[str, ...]  # attributes equal to heads x (a per-head size)
+    counts: tuple[str, ...]
+    head_dim: int | None
+
+
+def _int_attrs(m: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(m).items() if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+
+
+def _attention_modules(trunk: nn.Module) -> dict[str, _Attention]:
+    """Modules carrying a static head count (``num_heads``-like attribute > 1)."""
     found = {}
     for name, m in trunk.named_modules():
         counts = tuple(a for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int) and getattr(m, a) > 1)
@@ -207,9 +224,13 @@ def _attention_modules(trunk: nn.Module) -> dict[str, tuple[int, tuple[str, ...]
         heads = getattr(m, counts[0])
         head_dim = next((getattr(m, a) for a in ("head_dim", "dim_head", "head_channels")
                          if isinstance(getattr(m, a, None), int)), None)
-        widths = tuple(a for a in HEAD_WIDTH_ATTRS
-                       if head_dim is not None and getattr(m, a, None) == heads * head_dim)
-        found[name] = (heads, widths, tuple(a for a in counts if getattr(m, a) == heads), head_dim)
+        ints = _int_attrs(m)
+        per_head = {v for k, v in ints.items() if v > 1 and k not in counts}
+        widths = tuple(sorted(
+            a for a, v in ints.items() if a not in counts and v > heads and v % heads == 0
+            and (v // heads in per_head or (a in HEAD_WIDTH_ATTRS and head_dim is not None and v == heads * head_dim))
+        ))
+        found[name] = _Attention(heads, widths, tuple(a for a in counts if getattr(m, a) == heads), head_dim)
     return found
 
 
@@ -222,154 +243,285 @@ def _owner(name: str, candidates: Iterable[str]) -> str | None:
     return best
 
 
-def _head_of(position: int, size: int, heads: int, head_dim: int | None) -> int | None:
+def _head_of(position: int, size: int, heads: int, head_dim: int | None, major: bool = False) -> int | None:
     if size % heads:
         return None
-    if head_dim and size % (heads * head_dim) == 0:  # (k, heads, head_dim) layout, e.g. fused qkv
-        return (position % (heads * head_dim)) // head_dim
+    if not major and head_dim and size != heads * head_dim and size % (heads * head_dim) == 0:
+        return (position % (heads * head_dim)) // head_dim  # (k, heads, head_dim) layout, e.g. fused qkv
     return position // (size // heads)  # head-major layout
 
 
+@dataclass
+class _Touch:
+    tensor: str
+    dim: int
+    positions: list[int]
+    roots: list[int]
+    origin: str  # the module the slice belongs to
+    bare: bool  # a bare parameter traced by Torch-Pruning (its channel dim is a guess)
+    norm: bool  # a parameter of a module that normalises across channels
+
+
+@dataclass
+class _Prepared:
+    raw: RawGroup
+    touches: list[_Touch] = field(default_factory=list)
+    norms: list[tuple[str, list[int], list[int], int]] = field(default_factory=list)
+    grouped: list[tuple[nn.Module, str, list[int], list[int]]] = field(default_factory=list)
+    feature: tuple[list[int], list[int]] = ((), ())
+    reason: str | None = None  # not prunable at all (no slicing rule, ...)
+    trace_reason: str | None = None  # the traced positions cannot be trusted (fine for layout-derived heads)
+
+
+def _prepare(rg: RawGroup, modules: dict, shapes: dict, stat_modules: frozenset[str]) -> _Prepared:
+    p = _Prepared(rg)
+    for item in rg.items:
+        if item.target == PROBE:
+            p.feature = (item.positions, item.roots)
+            continue
+        if item.kind == "param":
+            if item.dim is None:
+                p.reason = f"parameter {item.target} has no channel dimension"
+                return p
+            owner, attr = item.target.rsplit(".", 1) if "." in item.target else ("", item.target)
+            mod = modules.get(owner)
+            is_norm = attr == "weight" and mod is not None and (norm_kind(mod) == "channel" or owner in stat_modules)
+            p.touches.append(_Touch(item.target, item.dim, item.positions, item.roots, owner, True, is_norm))
+            if is_norm:
+                p.norms.append((owner, item.positions, item.roots, shapes[item.target][item.dim]))
+            continue
+        mod = modules[item.target]
+        rule_touches = slices_for(mod, item.direction, item.positions)
+        if rule_touches is None:
+            p.reason = f"no slicing rule for {type(mod).__name__} ({item.target})"
+            return p
+        is_norm = norm_kind(mod) == "channel" or item.target in stat_modules
+        for t in rule_touches:
+            p.touches.append(_Touch(f"{item.target}.{t.attr}" if item.target else t.attr, t.dim, list(t.positions),
+                                    [item.roots[i] for i in t.sources()], item.target, False, is_norm))
+        if is_norm:
+            size = getattr(mod, "num_channels", None) or _norm_size(mod, shapes, item.target)
+            p.norms.append((item.target, item.positions, item.roots, size))
+        p.grouped.append((mod, item.direction, item.positions, item.roots))
+    if not p.touches:
+        p.reason = "touches no parameters"
+        return p
+    if rg.problem:
+        p.trace_reason = rg.problem
+    for t in p.touches:
+        shape = shapes.get(t.tensor)
+        if shape is None or t.dim >= len(shape) or any(q < 0 or q >= shape[t.dim] for q in t.positions):
+            p.trace_reason = p.trace_reason or f"traced channels outside {t.tensor} (dim {t.dim})"
+    for mod_name, pos, _, size in p.norms:
+        if size is None or any(q < 0 or q >= size for q in pos):
+            p.trace_reason = p.trace_reason or f"traced channels outside norm {mod_name}"
+    return p
+
+
+def _norm_size(mod: nn.Module, shapes: dict, name: str) -> int | None:
+    shape = getattr(mod, "normalized_shape", None)
+    if isinstance(shape, (tuple, list)) and shape:
+        return int(shape[-1])
+    w = shapes.get(f"{name}.weight" if name else "weight")
+    return int(w[0]) if w else None
+
+
 def build_structure(
-    trunk: nn.Module, raw: list[RawGroup], num_features: int, model_name: str, *, no_heads: frozenset[str] = frozenset()
+    trunk: nn.Module, raw: list[RawGroup], num_features: int, model_name: str, *,
+    no_heads: frozenset[str] = frozenset(), head_modes: dict[str, str] | None = None,
+    stat_modules: frozenset[str] = frozenset(),
 ) -> Structure:
     """Refine traced groups into unit groups (applying stripe/head constraints); unusable groups are rejected.
 
-    Groups named in ``no_heads`` are not split into attention heads even when they sit inside an attention module
-    (the walk retries a group that failed verification as heads this way).
+    Inside an attention module (a module with a static head count), the traced groups are merged into one group
+    of *heads* laid out from the module's tensors: every tensor dimension the groups touch that splits into the
+    head count is cut into heads, and per-head tensors of the module (a dimension equal to the head count, e.g. a
+    relative position bias table) follow their head. ``head_modes`` picks the layout per attention module
+    (:data:`HEAD_MODES`; "off" keeps plain channels); groups named in ``no_heads`` never become heads.
+    ``stat_modules`` are modules found to compute statistics across channels (they get masked statistics).
     """
     modules = dict(trunk.named_modules())
     shapes = {n: tuple(t.shape) for n, t in list(trunk.named_parameters()) + list(trunk.named_buffers())}
     attn = _attention_modules(trunk)
+    modes = dict(head_modes or {})
     groups: list[UnitGroup] = []
     rejected: list[Rejected] = []
+
+    prepared: list[_Prepared] = []
+    for rg in raw:
+        try:
+            prepared.append(_prepare(rg, modules, shapes, stat_modules))
+        except Exception as e:  # a rule that breaks on an odd module rejects that group only
+            rejected.append(Rejected(rg.root, f"cannot read the group ({type(e).__name__}: {e})"[:300]))
+
+    # ------------------------------------------------------------ heads: traced groups inside attention modules
+    by_module: dict[str, list[_Prepared]] = {}
+    for p in prepared:
+        if p.reason is not None or p.feature[0] or p.raw.root in no_heads:
+            continue
+        owners = {_owner(t.origin, attn) for t in p.touches} | {_owner(n[0], attn) for n in p.norms}
+        if len(owners) != 1 or None in owners:
+            continue
+        a_name = owners.pop()
+        if modes.get(a_name, "heads") == "off" or not _heads_fit(p, attn[a_name], shapes):
+            continue
+        by_module.setdefault(a_name, []).append(p)
+    as_heads = {id(p) for members in by_module.values() for p in members}
+    for a_name, members in by_module.items():
+        try:
+            g = _heads_group(trunk, a_name, attn[a_name], members, shapes, modes.get(a_name, "heads"),
+                             {id(q) for q in prepared} - {id(m) for m in members}, prepared)
+        except Exception as e:
+            g = f"cannot lay out heads ({type(e).__name__}: {e})"[:300]
+        if isinstance(g, str):
+            rejected.append(Rejected(members[0].raw.root, g))
+        else:
+            groups.append(g)
+
+    # ------------------------------------------------------------ channels (and stripes)
+    for p in prepared:
+        if id(p) in as_heads:
+            continue
+        name = p.raw.root
+        if p.reason or p.trace_reason:
+            rejected.append(Rejected(name, p.reason or p.trace_reason))
+            continue
+        try:
+            groups.append(_channel_group(p, modules, shapes))
+        except Exception as e:
+            rejected.append(Rejected(name, f"cannot build the group ({type(e).__name__}: {e})"[:300]))
+
+    # ------------------------------------------------------------ no tensor position may belong to two groups
     claimed: dict[tuple[str, int, int], str] = {}
     conflicts: set[str] = set()
-
-    for rg in raw:
-        name = rg.root
-        uf = _UnionFind(rg.size)
-        touches: list[tuple[str, int, list[int], list[int]]] = []  # tensor, dim, positions, roots
-        norms: list[tuple[str, list[int], list[int], int]] = []
-        feature: tuple[list[int], list[int]] = ([], [])
-        reason = None
-        for item in rg.items:
-            if item.target == PROBE:
-                feature = (item.positions, item.roots)
-                continue
-            if item.kind == "param":
-                if item.dim is None:
-                    reason = f"parameter {item.target} has no channel dimension"
-                    break
-                touches.append((item.target, item.dim, item.positions, item.roots))
-                owner, attr = item.target.rsplit(".", 1) if "." in item.target else ("", item.target)
-                mod = modules.get(owner)
-                if attr == "weight" and mod is not None and norm_kind(mod) == "channel":
-                    norms.append((owner, item.positions, item.roots, shapes[item.target][item.dim]))
-                continue
-            mod = modules[item.target]
-            rule_touches = slices_for(mod, item.direction, item.positions)
-            if rule_touches is None:
-                reason = f"no slicing rule for {type(mod).__name__} ({item.target})"
-                break
-            for t in rule_touches:
-                src = t.sources()
-                touches.append((f"{item.target}.{t.attr}" if item.target else t.attr, t.dim, list(t.positions),
-                                [item.roots[i] for i in src]))
-            if norm_kind(mod) == "channel":
-                size = getattr(mod, "num_channels", None) or int(mod.normalized_shape[-1])
-                norms.append((item.target, item.positions, item.roots, size))
-            _stripe_constraint(uf, mod, item.direction, item.positions, item.roots)
-        if reason is None and not touches:
-            reason = "touches no parameters"
-        if reason is None:
-            for tensor, dim, pos, _ in touches:
-                if tensor not in shapes or dim >= len(shapes[tensor]) or any(
-                        p < 0 or p >= shapes[tensor][dim] for p in pos):
-                    reason = f"traced channels outside {tensor} (dim {dim})"
-                    break
-            for mod_name, pos, _, size in norms:
-                if any(p < 0 or p >= size for p in pos):
-                    reason = f"traced channels outside norm {mod_name}"
-        if reason is not None:
-            rejected.append(Rejected(name, reason))
-            continue
-
-        # positions reached through several roots move together
-        for tensor, dim, pos, roots in touches:
-            _union_by_key(uf, roots, pos)
-
-        # attention heads: a group entirely inside one attention module is pruned head by head
-        kind = "channels"
-        sites: list[AttentionSite] = []
-        owners = {_owner(t[0].rsplit(".", 1)[0], attn) for t in touches} | {_owner(n[0], attn) for n in norms}
-        if len(owners) == 1 and None not in owners and not feature[0] and name not in no_heads:
-            a_name = owners.pop()
-            heads, widths, counts, head_dim = attn[a_name]
-            entries = [(pos, roots, shapes[t][d]) for t, d, pos, roots in touches] + [(p, r, n) for _, p, r, n in norms]
-            keys = [[_head_of(p, size, heads, head_dim) for p in pos] for pos, _, size in entries]
-            if any(k is None for ks in keys for k in ks):
-                rejected.append(Rejected(name, f"attention {a_name}: channels do not split into {heads} heads"))
-                continue
-            for (pos, roots, _), ks in zip(entries, keys):
-                _union_by_key(uf, roots, ks)
-            kind = "heads"
-            sites.append(AttentionSite(a_name, heads, widths, counts))
-        elif any(_is_grouped(modules.get(t[0].rsplit(".", 1)[0])) for t in touches) or any(
-            isinstance(modules.get(n[0]), nn.GroupNorm) for n in norms
-        ):
-            kind = "stripes"
-
-        comp = [uf.find(r) for r in range(rg.size)]
-        order = {c: i for i, c in enumerate(sorted(set(comp)))}
-        unit_of_root = [order[c] for c in comp]
-        n_units = len(order)
-        if kind == "heads" and n_units != sites[0].num_heads:
-            rejected.append(Rejected(name, f"attention {sites[0].module}: {n_units} units for "
-                                           f"{sites[0].num_heads} heads"))
-            continue
-
-        # merge touches per (tensor, dim) and check no other group claims the same tensor dimension
-        merged: dict[tuple[str, int], dict[int, int]] = {}
-        for tensor, dim, pos, roots in touches:
-            slot = merged.setdefault((tensor, dim), {})
-            for p, r in zip(pos, roots):
-                slot[p] = unit_of_root[r]
-        for (tensor, dim), slot in merged.items():
-            for p in slot:  # concatenations share a tensor dimension; a shared *position* is a conflict
-                other = claimed.get((tensor, dim, p))
-                if other is not None and other != name:
-                    conflicts.update({other, name})
-                claimed[(tensor, dim, p)] = name
-
-        slices = [TensorSlice(t, d, tuple(sorted(m)), tuple(m[p] for p in sorted(m))) for (t, d), m in merged.items()]
-        cost = torch.zeros(n_units)
-        for s in slices:
-            shape = shapes[s.tensor]
-            per_pos = 1
-            for i, v in enumerate(shape):
-                if i != s.dim:
-                    per_pos *= v
-            cost.index_add_(0, torch.tensor(s.units, dtype=torch.long), torch.full((len(s.units),), float(per_pos)))
-        norm_sites = []
-        for mod_name, pos, roots, size in norms:
-            uniq = {}
-            for p, r in zip(pos, roots):
-                uniq[p] = unit_of_root[r]
-            ps = tuple(sorted(uniq))
-            norm_sites.append(NormSite(mod_name, ps, tuple(uniq[p] for p in ps), size))
-        fpos, froots = feature
-        fmap = {p: unit_of_root[r] for p, r in zip(fpos, froots)}
-        fps = tuple(sorted(fmap))
-        groups.append(UnitGroup(
-            index=len(groups), name=name, kind=kind, size=n_units, slices=slices, norms=norm_sites,
-            attention=sites, feature_positions=fps, feature_units=tuple(fmap[p] for p in fps), unit_cost=cost,
-        ))
-
+    for g in groups:
+        for s in g.slices:
+            for q in s.positions:  # concatenations share a tensor dimension; a shared *position* is a conflict
+                other = claimed.get((s.tensor, s.dim, q))
+                if other is not None and other != g.name:
+                    conflicts.update({other, g.name})
+                claimed[(s.tensor, s.dim, q)] = g.name
     if conflicts:
         groups = [g for g in groups if g.name not in conflicts]
         rejected += [Rejected(n, "shares a tensor dimension with another group") for n in sorted(conflicts)]
     return Structure(groups, rejected, shapes, num_features, model_name)
+
+
+def _heads_fit(p: _Prepared, a: _Attention, shapes: dict) -> bool:
+    """Every non-norm tensor dimension of the group splits into the heads (bare parameters: some dim does)."""
+    for t in p.touches:
+        shape = shapes.get(t.tensor)
+        if shape is None or t.dim >= len(shape):
+            return False
+        if t.bare:
+            if shape[t.dim] % a.heads and a.heads not in shape:
+                return False
+        elif not t.norm and shape[t.dim] % a.heads:
+            return False
+    return True
+
+
+def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Prepared], shapes: dict, mode: str,
+                 others: set[int], prepared: list[_Prepared]) -> UnitGroup | str:
+    """One group of ``a.heads`` units from the tensors the member groups touch, laid out by head."""
+    heads = a.heads
+    dims: dict[tuple[str, int], int] = {}
+    norm_dims: dict[str, int] = {}
+    widths: set[int] = set()
+    for p in members:
+        for t in p.touches:
+            shape = shapes[t.tensor]
+            dim = t.dim
+            if t.bare and shape[dim] % heads:
+                dim = next(d for d, v in enumerate(shape) if v == heads)
+            if t.norm:
+                norm_dims[t.origin] = shape[dim]
+            elif shape[dim] > heads:
+                widths.add(shape[dim])
+            dims[(t.tensor, dim)] = shape[dim]
+    # norms over one head's channels (q/k norms) are shared by every head: not sliced
+    for origin, size in norm_dims.items():
+        if size not in widths and size != heads:
+            for key in [k for k in dims if k[0].rsplit(".", 1)[0] == origin]:
+                dims.pop(key)
+    # per-head tensors of the module that no traced group reached (bias tables, temperatures, ...)
+    claimed_elsewhere = {t.tensor for q in prepared if id(q) in others for t in q.touches}
+    linear_like = (nn.modules.conv._ConvNd, nn.Linear)
+    module = trunk.get_submodule(a_name)
+    prefix = f"{a_name}." if a_name else ""
+    for sub_name, sub in module.named_modules():
+        if isinstance(sub, linear_like):
+            continue
+        for attr, tensor in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+            if not tensor.is_floating_point():
+                continue
+            full = f"{prefix}{sub_name}.{attr}" if sub_name else f"{prefix}{attr}"
+            if full in claimed_elsewhere or any(k[0] == full for k in dims):
+                continue
+            hits = [d for d, v in enumerate(tensor.shape) if v == heads]
+            if len(hits) == 1:
+                dims[(full, hits[0])] = heads
+    if not any(v > heads for v in dims.values()):
+        return f"attention {a_name}: no tensor splits into its {heads} heads"
+    slices, cost = [], torch.zeros(heads)
+    for (tensor, dim), size in sorted(dims.items()):
+        units = tuple(_head_of(q, size, heads, a.head_dim, major=mode == "heads-major") for q in range(size))
+        slices.append(TensorSlice(tensor, dim, tuple(range(size)), units))
+        per_pos = 1
+        for i, v in enumerate(shapes[tensor]):
+            if i != dim:
+                per_pos *= v
+        cost.index_add_(0, torch.tensor(units, dtype=torch.long), torch.full((size,), float(per_pos)))
+    norm_sites = []
+    for origin, size in norm_dims.items():
+        if size in widths:
+            units = tuple(_head_of(q, size, heads, a.head_dim, major=mode == "heads-major") for q in range(size))
+            norm_sites.append(NormSite(origin, tuple(range(size)), units, size))
+    kind = "heads" if mode == "heads" else mode
+    site = AttentionSite(a_name, heads, a.widths, a.counts)
+    return UnitGroup(index=0, name=members[0].raw.root, kind=kind, size=heads, slices=slices, norms=norm_sites,
+                     attention=[site], unit_cost=cost)
+
+
+def _channel_group(p: _Prepared, modules: dict, shapes: dict) -> UnitGroup:
+    rg = p.raw
+    uf = _UnionFind(rg.size)
+    for mod, direction, pos, roots in p.grouped:
+        _stripe_constraint(uf, mod, direction, pos, roots)
+    # positions reached through several roots move together
+    for t in p.touches:
+        _union_by_key(uf, t.roots, t.positions)
+    kind = "channels"
+    if any(_is_grouped(modules.get(t.origin)) for t in p.touches) or any(
+            isinstance(modules.get(n[0]), nn.GroupNorm) for n in p.norms):
+        kind = "stripes"
+    comp = [uf.find(r) for r in range(rg.size)]
+    order = {c: i for i, c in enumerate(sorted(set(comp)))}
+    unit_of_root = [order[c] for c in comp]
+    n_units = len(order)
+    merged: dict[tuple[str, int], dict[int, int]] = {}
+    for t in p.touches:
+        slot = merged.setdefault((t.tensor, t.dim), {})
+        for q, r in zip(t.positions, t.roots):
+            slot[q] = unit_of_root[r]
+    slices = [TensorSlice(t, d, tuple(sorted(m)), tuple(m[q] for q in sorted(m))) for (t, d), m in merged.items()]
+    cost = torch.zeros(n_units)
+    for s in slices:
+        per_pos = 1
+        for i, v in enumerate(shapes[s.tensor]):
+            if i != s.dim:
+                per_pos *= v
+        cost.index_add_(0, torch.tensor(s.units, dtype=torch.long), torch.full((len(s.units),), float(per_pos)))
+    norm_sites = []
+    for mod_name, pos, roots, size in p.norms:
+        uniq = {q: unit_of_root[r] for q, r in zip(pos, roots)}
+        ps = tuple(sorted(uniq))
+        norm_sites.append(NormSite(mod_name, ps, tuple(uniq[q] for q in ps), size))
+    fpos, froots = p.feature
+    fmap = {q: unit_of_root[r] for q, r in zip(fpos, froots)}
+    fps = tuple(sorted(fmap))
+    return UnitGroup(index=0, name=rg.root, kind=kind, size=n_units, slices=slices, norms=norm_sites,
+                     feature_positions=fps, feature_units=tuple(fmap[q] for q in fps), unit_cost=cost)
 
 
 def _is_grouped(m: nn.Module | None) -> bool:

@@ -18,10 +18,11 @@ import torch.nn as nn
 
 from ..errors import ModelError
 from .slicing import kept_positions, slice_trunk
+from .layers import norm_kind
 from .trace import trace_groups
-from .units import Structure, build_structure
+from .units import HEAD_MODES, Structure, build_structure
 
-__all__ = ["walk", "verify_groups", "randomize_norms", "feature_count", "ParityReport"]
+__all__ = ["walk", "verify_groups", "randomize_norms", "feature_count", "ParityReport", "channel_stat_modules"]
 
 
 def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
@@ -145,6 +146,75 @@ def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor,
     return structure, {n: reasons[n] for n in bad}
 
 
+def channel_stat_modules(trunk: nn.Module, example: torch.Tensor) -> frozenset[str]:
+    """Modules that compute a mean or variance across their own channels (e.g. ConvNeXt-V2's global response norm)
+    without being a known norm layer: found by running ``example`` once and watching the reductions each module
+    makes. Removing a channel changes such a statistic, so the masked model must compute it over kept channels."""
+    from torch.overrides import TorchFunctionMode
+
+    known = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm,
+             nn.Embedding, nn.PReLU)
+    sizes: dict[nn.Module, set[int]] = {}
+    names: dict[nn.Module, str] = {}
+    for name, m in trunk.named_modules():
+        if isinstance(m, known) or norm_kind(m) is not None:
+            continue
+        own = {int(p.shape[0]) for p in m.parameters(recurse=False) if p.ndim == 1 and p.numel() > 1}
+        if own:
+            sizes[m], names[m] = own, name
+    if not sizes:
+        return frozenset()
+    stack: list[nn.Module] = []
+    found: set[str] = set()
+    reductions = {torch.mean, torch.Tensor.mean, torch.var, torch.Tensor.var, torch.std, torch.Tensor.std,
+                  torch.var_mean, torch.std_mean}
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if stack and func in reductions and args and isinstance(args[0], torch.Tensor):
+                x = args[0]
+                dims = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim")
+                if dims is not None:
+                    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+                    if any(x.shape[d % x.ndim] in sizes[stack[-1]] for d in dims):
+                        found.add(names[stack[-1]])
+            return func(*args, **kwargs)
+
+    hooks = []
+    for m in sizes:
+        hooks.append(m.register_forward_pre_hook(lambda mod, a: stack.append(mod)))
+        hooks.append(m.register_forward_hook(lambda mod, a, o: stack.pop(), always_call=True))
+    was = trunk.training
+    trunk.eval()
+    try:
+        with torch.no_grad(), Watch():
+            trunk(example)
+    except Exception:
+        return frozenset()
+    finally:
+        for h in hooks:
+            h.remove()
+        trunk.train(was)
+    return frozenset(found)
+
+
+def _next_mode(mode: str) -> str:
+    i = HEAD_MODES.index(mode) if mode in HEAD_MODES else 0
+    return HEAD_MODES[min(i + 1, len(HEAD_MODES) - 1)]
+
+
+def _modes_from_layout(trunk, raw, nf, name, layout: list[dict], stats: frozenset[str]) -> dict[str, str]:
+    """The head layout of every attention module, as recorded by the kinds of a saved layout's groups."""
+    probe = build_structure(trunk, raw, nf, name, stat_modules=stats)
+    site_of = {g.name: g.attention[0].module for g in probe.groups if g.attention}
+    modes = {a.module: "off" for g in probe.groups for a in g.attention}
+    for g in layout:
+        if str(g["kind"]).startswith("heads") and g["name"] in site_of:
+            modes[site_of[g["name"]]] = g["kind"]
+    return modes
+
+
 def walk(
     trunk: nn.Module,
     example: torch.Tensor,
@@ -159,26 +229,31 @@ def walk(
 
     With ``layout`` (the ``groups`` of a saved mask schema: name, kind, size), the walk rebuilds exactly that
     layout without re-verifying, so a resumed run gets the units it was trained with.
+
+    A group that fails verification is retried more coarsely before it is rejected: the heads of an attention
+    module are tried in the standard layout, then head-major, then as plain channels.
     """
     nf = num_features or feature_count(trunk, example)
     name = model_name or type(trunk).__name__
     raw = trace_groups(trunk, example, nf)
+    stats = channel_stat_modules(trunk, example)
     if layout is not None:
-        heads = {g["name"] for g in layout if g["kind"] == "heads"}
-        no_heads_saved = frozenset(r.root for r in raw) - heads
-        structure = build_structure(trunk, raw, nf, name, no_heads=no_heads_saved)
-        wanted = [g["name"] for g in layout]
+        modes = _modes_from_layout(trunk, raw, nf, name, layout, stats)
+        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats)
+        wanted = {g["name"] for g in layout}
         structure = structure.without({g.name: "not in the saved layout" for g in structure.groups
-                                       if g.name not in set(wanted)})
+                                       if g.name not in wanted})
         got = [(g.name, g.kind, g.size) for g in structure.groups]
         if got != [(g["name"], g["kind"], g["size"]) for g in layout]:
             raise ModelError("the backbone's structure differs from the one this run was trained with",
                              "resume with the same model, input size and anpyc version")
         return structure
-    no_heads: set[str] = set()
+    modes: dict[str, str] = {}
+    head_failures: dict[str, str] = {}
     dropped: dict[str, str] = {}
-    for attempt in range(6):
-        structure = build_structure(trunk, raw, nf, name, no_heads=frozenset(no_heads))
+    structure = None
+    for attempt in range(8):
+        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats)
         dropped.update({g.name: "a single unit" for g in structure.groups if g.size < 2})
         structure = structure.without(dropped)
         if not verify:
@@ -186,10 +261,15 @@ def walk(
         structure, bad = verify_groups(trunk, structure, example, seed=seed + attempt)
         if not bad:
             return structure
-        kinds = {g.name: g.kind for g in structure.groups}
+        by_name = {g.name: g for g in structure.groups}
         for n, why in bad.items():
-            if kinds.get(n) == "heads" and n not in no_heads:
-                no_heads.add(n)  # heads that cannot be removed may still be prunable channel by channel
+            g = by_name[n]
+            if g.attention and modes.get(g.attention[0].module, "heads") != "off":
+                a = g.attention[0].module  # heads that cannot be removed may still be prunable another way
+                modes[a] = _next_mode(modes.get(a, "heads"))
+                head_failures.setdefault(a, why)
             else:
-                dropped[n] = f"failed parity: {why}"
+                a = next((m for m in head_failures if n.startswith(m + ".")), None)
+                extra = f" (as heads: {head_failures[a]})" if a is not None else ""
+                dropped[n] = f"failed parity: {why}{extra}"[:400]
     return structure.without({g.name: "failed parity" for g in structure.groups})
