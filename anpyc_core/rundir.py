@@ -57,6 +57,7 @@ class RunDir:
             raise RunDirError(f"run directory {self.path} does not exist", "check the path (it is what --out was)")
         if lock and create:
             self._acquire_lock()
+            self._remove_debris()
 
     # ------------------------------------------------------------------ locking
     def _acquire_lock(self) -> None:
@@ -70,6 +71,16 @@ class RunDir:
             raise RunDirError(f"run directory {self.path} is in use by another anpyc process",
                               "wait for it to finish, or use another --out directory") from None
         self._lock_fd = fd
+
+    def _remove_debris(self) -> None:
+        """Temporary files and uncommitted generations left by a process that was killed mid-write."""
+        for p in self.path.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+        state = self.path / "state"
+        if state.is_dir():
+            for p in state.iterdir():
+                if p.name.startswith("."):
+                    shutil.rmtree(p, ignore_errors=True)
 
     def close(self) -> None:
         if self._lock_fd is not None:

@@ -1,0 +1,32 @@
+"""Worker for tests/test_crash_safety.py: trains (or resumes) a small run; prints READY once training starts.
+
+Usage: python crash_worker.py RUN_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import anpyc
+from anpyc.adapters.data import synthetic_stream
+from anpyc.config import method_config
+
+torch.set_num_threads(1)
+run = Path(sys.argv[1])
+stream = synthetic_stream(num_tasks=3, samples_per_class=24, img_size=16, seed=5)
+cfg = method_config("anpyc", **{
+    "optim.epochs": 3, "optim.batch_size": 8, "optim.lr": 0.03, "importance.max_batches": 3,
+    "importance.batch_size": 8, "prune.mode": "guarded", "prune.step": 0.25, "prune.min_step": 0.1,
+    "prune.tolerance": 0.3, "prune.retrain_epochs": 1,
+})
+if (run / "run.json").exists():
+    learner = anpyc.ContinualLearner.resume(run)
+else:
+    learner = anpyc.ContinualLearner("cnn", input_spec=stream.input_spec, out_dir=run, config=cfg,
+                                     model_kwargs={"width": 8})
+print("READY", flush=True)
+learner.fit(stream)
+print("DONE", flush=True)
