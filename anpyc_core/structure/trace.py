@@ -120,7 +120,7 @@ def _guarded_index_mapping(problems: dict[int, str]):
     def update(graph) -> None:
         passes = {"CONCAT": _concat_mapping, "SPLIT": im.update_split_index_mapping,
                   "RESHAPE": im.update_reshape_index_mapping, "UNBIND": im.update_unbind_index_mapping,
-                  "EXPAND": im.update_expand_index_mapping, "SLICE": im.update_slice_index_mapping}
+                  "EXPAND": im.update_expand_index_mapping, "SLICE": _slice_mapping}
         for node in list(graph.module2node.values()):
             fn = passes.get(_optype(node))
             if fn is None:
@@ -183,7 +183,7 @@ def _concat_mapping(graph, node) -> None:
     node.module.concat_sizes = [sizes[i] for i in tracked]
     node.module.offsets = offsets
     used: list = []
-    for k, in_node in zip(tracked, node.inputs):
+    for k, in_node in zip(tracked, node.inputs, strict=True):
         span = offsets[k: k + 2]
         for dep in node.dependencies:
             if dep.target is in_node and not any(dep is d for d in used):
@@ -191,7 +191,7 @@ def _concat_mapping(graph, node) -> None:
                 used.append(dep)
                 break
     used = []
-    for k, in_node in zip(tracked, node.inputs):
+    for k, in_node in zip(tracked, node.inputs, strict=True):
         span = offsets[k: k + 2]
         for dep in in_node.dependencies:
             if dep.target is node and not any(dep is d for d in used):
@@ -199,6 +199,30 @@ def _concat_mapping(graph, node) -> None:
                 used.append(dep)
                 break
     return None
+
+
+def _slice_mapping(graph, node) -> None:
+    """TP maps a slice along dim 1 of a 4-d tensor as a channel slice (NCHW); on a channels-last tensor that dim
+    is spatial (LeViT's subsampling ``x[:, ::2, ::2]``). The real shape tells: a dim whose size is not the channel
+    count of the producing layer is not a channel dim, and channels pass through unchanged."""
+    from torch_pruning.dependency import index_mapping as im
+    from torch_pruning.dependency import shape_infer as si
+
+    g = node.grad_fn
+    sizes = getattr(g, "_saved_self_sym_sizes", None)
+    dim = getattr(g, "_saved_dim", None)
+    if sizes is not None and dim is not None and 0 <= int(dim) < len(sizes):
+        channels = None
+        for n in node.inputs:
+            try:
+                channels = si.infer_out_channels_recursively(graph, n, [0])
+            except Exception:
+                channels = None
+            if channels is not None:
+                break
+        if channels is not None and int(sizes[int(dim)]) != channels:
+            return None
+    return im.update_slice_index_mapping(graph, node)
 
 
 def _is_node_input(node, grad_fn) -> bool:
@@ -238,6 +262,17 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
 
+    limits: dict[int, int] = {}
+
+    def bound(node) -> int:
+        """An upper bound on any channel index of ``node``: the per-sample size of its largest input or output
+        (from autograd's shape records); it stops flatten mappings from multiplying indices without end."""
+        b = limits.get(id(node))
+        if b is None:
+            b = _per_sample_size(node)
+            limits[id(node)] = b
+        return b
+
     root_types = (nn.modules.conv._ConvNd, nn.Linear)
     seen: dict[tuple, set[int]] = {}
     sides: dict[tuple, tuple] = {}  # (node id, fn) -> (node, fn)
@@ -271,6 +306,9 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
                         if mapping is not None:
                             mapped = mapping(mapped)
                     pairs = [(int(h.idx), int(h.root_idx)) for h in mapped]
+                    limit = bound(dep.target)
+                    if any(j < 0 or j >= limit for j, _ in pairs):  # a mapping that multiplies indices out of range
+                        raise IndexError(f"mapped channel outside the {limit} values of its tensor")
                 except Exception as e:
                     why = f"cannot map channels between {_label(node)} and {_label(dep.target)} ({type(e).__name__})"
                     problems.setdefault(id(node), why)
@@ -285,7 +323,7 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
 
     # groups = components of sides; channel classes = components of triples
     side_of_class: dict[int, set] = {}
-    for (nid, fn, i), t in ids.items():
+    for (nid, fn, _i), t in ids.items():
         side_of_class.setdefault(find(t), set()).add((nid, fn))
     side_parent = {k: k for k in sides}
 
@@ -333,6 +371,29 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
             out.append(RawGroup(root=root_name, size=len(classes), items=items, problem=problem))
     del dg
     return out
+
+
+def _per_sample_size(node) -> int:
+    shapes = []
+    module = node.module
+    if isinstance(module, torch.Tensor):
+        shapes.append([1] + list(module.shape))
+    g = node.grad_fn
+    try:
+        shapes += [list(m.shape) for m in g._input_metadata]
+        shapes += [list(f._input_metadata[nr].shape) for f, nr in g.next_functions if f is not None]
+    except Exception:
+        pass
+    if isinstance(module, nn.Module):
+        for p in module.parameters(recurse=False):
+            shapes.append([1] + list(p.shape))
+    best = 0
+    for shape in shapes:
+        n = 1
+        for v in shape[1:]:
+            n *= int(v)
+        best = max(best, n, *(int(v) for v in shape) if shape else (0,))
+    return best if best > 0 else 1 << 62
 
 
 def _label(node) -> str:
