@@ -18,6 +18,7 @@ __all__ = [
     "RESYNC_RULES",
     "slices_for",
     "resync",
+    "has_resync_rule",
     "norm_kind",
     "is_per_task_stats",
     "HEAD_COUNT_ATTRS",
@@ -77,6 +78,12 @@ def resync(module: nn.Module) -> None:
     rule = _lookup(RESYNC_RULES, module)
     if rule is not None:
         rule(module)
+
+
+def has_resync_rule(module: nn.Module) -> bool:
+    """Whether ``module``'s type has its own rule (not only the generic ``normalized_shape`` one)."""
+    rule = _lookup(RESYNC_RULES, module)
+    return rule is not None and rule is not RESYNC_RULES.get(nn.Module)
 
 
 def _present(module: nn.Module, *names: str) -> list[str]:

@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .layers import resync
+from .layers import has_resync_rule, resync
 from .units import Structure
 
 __all__ = ["slice_trunk", "kept_positions"]
@@ -28,6 +28,7 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
     model = trunk if inplace else copy.deepcopy(trunk)
     active = active.bool().cpu()
     touched: dict[str, nn.Module] = {}
+    resized: dict[str, dict[int, set[int]]] = {}  # module -> old size -> new sizes of its sliced dimensions
     for tensor_name, dims in structure.tensor_units.items():
         owner, _, attr = tensor_name.rpartition(".")
         module = model.get_submodule(owner)
@@ -35,14 +36,18 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         new = old.detach()
         for dim, ids in sorted(dims.items()):
             new = new.index_select(dim, kept_positions(ids, active).to(new.device))
+            resized.setdefault(owner, {}).setdefault(int(old.shape[dim]), set()).add(int(new.shape[dim]))
         new = new.contiguous().clone()
         if isinstance(old, nn.Parameter):
             setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
         else:
             module._buffers[attr] = new
         touched[owner] = module
-    for module in touched.values():
+    sites = {site.module for g in structure.groups for site in g.attention}
+    for owner, module in touched.items():
         resync(module)
+        if not has_resync_rule(module) and owner not in sites:  # attention modules: their head attributes below
+            _sync_static_sizes(module, resized.get(owner, {}))
     for group in structure.groups:
         kept = int(active[group.offset: group.offset + group.size].sum())
         for site in group.attention:
@@ -51,4 +56,34 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
                 setattr(module, attr, kept)
             for attr in site.width_attrs:
                 setattr(module, attr, getattr(module, attr) // site.num_heads * kept)
+            touched[site.module] = module
+    for module in touched.values():
+        _drop_tensor_caches(module)
     return model
+
+
+def _sync_static_sizes(module: nn.Module, resized: dict[int, set[int]]) -> None:
+    """A module without a layer rule that stores its width (``self.shape = (dim, 1, 1)``, ``self.dim = dim``) gets
+    the new width wherever the old one was stored, when the old width maps to exactly one new width."""
+    changes = {old: next(iter(new)) for old, new in resized.items() if len(new) == 1 and next(iter(new)) != old}
+    if not changes:
+        return
+    for attr, value in list(vars(module).items()):
+        if attr.startswith("_") or isinstance(value, bool):
+            continue
+        if isinstance(value, int) and value in changes:
+            setattr(module, attr, changes[value])
+        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                 for v in value):
+            if any(v in changes for v in value):
+                setattr(module, attr, type(value)(changes.get(v, v) for v in value))
+
+
+def _drop_tensor_caches(module: nn.Module) -> None:
+    """Forget caches of derived tensors (e.g. attention biases cached per device in eval mode): they were computed
+    from the tensors before slicing."""
+    for attr, value in list(vars(module).items()):
+        if attr.startswith("_"):  # _parameters, _buffers, _modules: nn.Module's own registries
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            setattr(module, attr, {})

@@ -21,7 +21,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
-from .layers import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS, Touch, norm_kind, slices_for
+from .layers import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS, norm_kind, slices_for
 from .trace import PROBE, RawGroup
 
 __all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "build_structure", "Rejected",
@@ -195,7 +195,7 @@ class _UnionFind:
 
 def _union_by_key(uf: _UnionFind, roots: list[int], keys: list[int]) -> None:
     first: dict[int, int] = {}
-    for r, k in zip(roots, keys):
+    for r, k in zip(roots, keys, strict=True):
         if k in first:
             uf.union(first[k], r)
         else:
@@ -211,7 +211,8 @@ class _Attention:
 
 
 def _int_attrs(m: nn.Module) -> dict[str, int]:
-    return {k: v for k, v in vars(m).items() if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
+    return {k: v for k, v in vars(m).items()
+            if isinstance(v, int) and not isinstance(v, bool) and not k.startswith("_")}
 
 
 def _attention_modules(trunk: nn.Module) -> dict[str, _Attention]:
@@ -224,12 +225,7 @@ def _attention_modules(trunk: nn.Module) -> dict[str, _Attention]:
         heads = getattr(m, counts[0])
         head_dim = next((getattr(m, a) for a in ("head_dim", "dim_head", "head_channels")
                          if isinstance(getattr(m, a, None), int)), None)
-        ints = _int_attrs(m)
-        per_head = {v for k, v in ints.items() if v > 1 and k not in counts}
-        widths = tuple(sorted(
-            a for a, v in ints.items() if a not in counts and v > heads and v % heads == 0
-            and (v // heads in per_head or (a in HEAD_WIDTH_ATTRS and head_dim is not None and v == heads * head_dim))
-        ))
+        widths = tuple(a for a in HEAD_WIDTH_ATTRS if head_dim is not None and getattr(m, a, None) == heads * head_dim)
         found[name] = _Attention(heads, widths, tuple(a for a in counts if getattr(m, a) == heads), head_dim)
     return found
 
@@ -432,8 +428,8 @@ def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Pr
         for t in p.touches:
             shape = shapes[t.tensor]
             dim = t.dim
-            if t.bare and shape[dim] % heads:
-                dim = next(d for d, v in enumerate(shape) if v == heads)
+            if t.bare and heads in shape:  # TP guesses the last dim for bare parameters; per-head ones lead with it
+                dim = shape.index(heads)
             if t.norm:
                 norm_dims[t.origin] = shape[dim]
             elif shape[dim] > heads:
@@ -461,11 +457,13 @@ def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Pr
             hits = [d for d, v in enumerate(tensor.shape) if v == heads]
             if len(hits) == 1:
                 dims[(full, hits[0])] = heads
-    if not any(v > heads for v in dims.values()):
+    if not widths:
         return f"attention {a_name}: no tensor splits into its {heads} heads"
+    # without a head_dim attribute, the narrowest width is one slice per head (fused qkv is a multiple of it)
+    head_dim = a.head_dim or min(widths) // heads
     slices, cost = [], torch.zeros(heads)
     for (tensor, dim), size in sorted(dims.items()):
-        units = tuple(_head_of(q, size, heads, a.head_dim, major=mode == "heads-major") for q in range(size))
+        units = tuple(_head_of(q, size, heads, head_dim, major=mode == "heads-major") for q in range(size))
         slices.append(TensorSlice(tensor, dim, tuple(range(size)), units))
         per_pos = 1
         for i, v in enumerate(shapes[tensor]):
@@ -475,10 +473,14 @@ def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Pr
     norm_sites = []
     for origin, size in norm_dims.items():
         if size in widths:
-            units = tuple(_head_of(q, size, heads, a.head_dim, major=mode == "heads-major") for q in range(size))
+            units = tuple(_head_of(q, size, heads, head_dim, major=mode == "heads-major") for q in range(size))
             norm_sites.append(NormSite(origin, tuple(range(size)), units, size))
     kind = "heads" if mode == "heads" else mode
-    site = AttentionSite(a_name, heads, a.widths, a.counts)
+    # static widths of the heads (``self.val_attn_dim = num_heads * val_dim``): int attributes equal to a width
+    ints = _int_attrs(trunk.get_submodule(a_name))
+    width_attrs = tuple(sorted(set(a.widths) | {k for k, v in ints.items() if k not in a.counts and v in widths
+                                                and v % heads == 0}))
+    site = AttentionSite(a_name, heads, width_attrs, a.counts)
     return UnitGroup(index=0, name=members[0].raw.root, kind=kind, size=heads, slices=slices, norms=norm_sites,
                      attention=[site], unit_cost=cost)
 
@@ -502,7 +504,7 @@ def _channel_group(p: _Prepared, modules: dict, shapes: dict) -> UnitGroup:
     merged: dict[tuple[str, int], dict[int, int]] = {}
     for t in p.touches:
         slot = merged.setdefault((t.tensor, t.dim), {})
-        for q, r in zip(t.positions, t.roots):
+        for q, r in zip(t.positions, t.roots, strict=True):
             slot[q] = unit_of_root[r]
     slices = [TensorSlice(t, d, tuple(sorted(m)), tuple(m[q] for q in sorted(m))) for (t, d), m in merged.items()]
     cost = torch.zeros(n_units)
@@ -514,11 +516,11 @@ def _channel_group(p: _Prepared, modules: dict, shapes: dict) -> UnitGroup:
         cost.index_add_(0, torch.tensor(s.units, dtype=torch.long), torch.full((len(s.units),), float(per_pos)))
     norm_sites = []
     for mod_name, pos, roots, size in p.norms:
-        uniq = {q: unit_of_root[r] for q, r in zip(pos, roots)}
+        uniq = {q: unit_of_root[r] for q, r in zip(pos, roots, strict=True)}
         ps = tuple(sorted(uniq))
         norm_sites.append(NormSite(mod_name, ps, tuple(uniq[q] for q in ps), size))
     fpos, froots = p.feature
-    fmap = {q: unit_of_root[r] for q, r in zip(fpos, froots)}
+    fmap = {q: unit_of_root[r] for q, r in zip(fpos, froots, strict=True)}
     fps = tuple(sorted(fmap))
     return UnitGroup(index=0, name=rg.root, kind=kind, size=n_units, slices=slices, norms=norm_sites,
                      feature_positions=fps, feature_units=tuple(fmap[q] for q in fps), unit_cost=cost)

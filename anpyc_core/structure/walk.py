@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .slicing import kept_positions, slice_trunk
 from .layers import norm_kind
+from .slicing import kept_positions, slice_trunk
 from .trace import trace_groups
-from .units import HEAD_MODES, Structure, build_structure
+from .units import HEAD_MODES, Rejected, Structure, build_structure
 
 __all__ = ["walk", "verify_groups", "randomize_norms", "feature_count", "ParityReport", "channel_stat_modules"]
 
@@ -35,7 +35,8 @@ def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
             out = trunk(example)
         except Exception as e:
             raise ModelError(f"{type(trunk).__name__} does not run on an input of shape {tuple(example.shape)} "
-                             f"({type(e).__name__}: {e})", "pick an input size the model accepts (--img-size)")
+                             f"({type(e).__name__}: {e})",
+                             "pick an input size the model accepts (--img-size)") from None
         finally:
             trunk.train(was)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
@@ -111,38 +112,53 @@ def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example
             h.remove()
 
 
-def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor, *, seed: int = 0
+def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor, *, seed: int = 0, rounds: int = 2
                   ) -> tuple[Structure, dict[str, str]]:
-    """Drop the groups of ``structure`` that break masked/sliced parity; returns the structure and the reasons."""
+    """Drop the groups of ``structure`` that break masked/sliced parity; returns the structure and the reasons.
+
+    Each round draws one random subset of every group's units; failures are bisected with that same draw (the
+    other groups fully kept), so a failure is pinned on the groups that cause it, not on a luckier redraw.
+    """
     gen = torch.Generator().manual_seed(seed)
     probe = copy.deepcopy(trunk).eval()
     randomize_norms(probe, gen)
     reasons: dict[str, str] = {}
+    by_name = {g.name: g for g in structure.groups}
 
-    def check(names: list[str]) -> ParityReport:
-        active = _random_active(structure, set(names), gen)
+    def check(names: list[str], draw: torch.Tensor) -> ParityReport:
+        active = torch.ones(structure.num_units, dtype=torch.bool)
+        for n in names:
+            g = by_name[n]
+            active[g.offset: g.offset + g.size] = draw[g.offset: g.offset + g.size]
         return parity(probe, structure, active, example)
 
-    def bisect(names: list[str], report: ParityReport) -> list[str]:
+    def bisect(names: list[str], report: ParityReport, draw: torch.Tensor) -> list[str]:
         if len(names) == 1:
             reasons[names[0]] = report.error or f"masked vs sliced max abs diff {report.max_abs_diff:.3g}"
             return names
         half = len(names) // 2
         bad: list[str] = []
-        parts = [names[:half], names[half:]]
-        reports = [check(p) for p in parts]
-        for part, rep in zip(parts, reports):
+        for part in (names[:half], names[half:]):
+            rep = check(part, draw)
             if not rep.ok:
-                bad += bisect(part, rep)
+                bad += bisect(part, rep, draw)
         if not bad:  # the halves pass alone but fail together: keep the whole set out
+            why = report.error or f"max abs diff {report.max_abs_diff:.3g}"
             for n in names:
-                reasons[n] = "fails only together with other groups"
+                reasons[n] = f"fails only together with other groups ({why})"
             return names
         return bad
 
     names = [g.name for g in structure.groups if g.size >= 2]
-    report = check(names) if names else ParityReport(True, 0.0)
-    bad = [] if report.ok else bisect(names, report)
+    bad: list[str] = []
+    for _ in range(rounds):
+        names = [n for n in names if n not in bad]
+        if not names:
+            break
+        draw = _random_active(structure, set(names), gen)
+        report = check(names, draw)
+        if not report.ok:
+            bad += bisect(names, report, draw)
     return structure, {n: reasons[n] for n in bad}
 
 
@@ -181,10 +197,16 @@ def channel_stat_modules(trunk: nn.Module, example: torch.Tensor) -> frozenset[s
                         found.add(names[stack[-1]])
             return func(*args, **kwargs)
 
+    def enter(mod, args):
+        stack.append(mod)
+
+    def leave(mod, args, out):
+        stack.pop()
+
     hooks = []
     for m in sizes:
-        hooks.append(m.register_forward_pre_hook(lambda mod, a: stack.append(mod)))
-        hooks.append(m.register_forward_hook(lambda mod, a, o: stack.pop(), always_call=True))
+        hooks.append(m.register_forward_pre_hook(enter))
+        hooks.append(m.register_forward_hook(leave, always_call=True))
     was = trunk.training
     trunk.eval()
     try:
@@ -260,16 +282,26 @@ def walk(
             return structure
         structure, bad = verify_groups(trunk, structure, example, seed=seed + attempt)
         if not bad:
-            return structure
+            return _annotate(structure, head_failures)
         by_name = {g.name: g for g in structure.groups}
         for n, why in bad.items():
             g = by_name[n]
             if g.attention and modes.get(g.attention[0].module, "heads") != "off":
                 a = g.attention[0].module  # heads that cannot be removed may still be prunable another way
                 modes[a] = _next_mode(modes.get(a, "heads"))
-                head_failures.setdefault(a, why)
+                head_failures[a] = why
             else:
-                a = next((m for m in head_failures if n.startswith(m + ".")), None)
-                extra = f" (as heads: {head_failures[a]})" if a is not None else ""
-                dropped[n] = f"failed parity: {why}{extra}"[:400]
-    return structure.without({g.name: "failed parity" for g in structure.groups})
+                dropped[n] = f"failed parity: {why}"
+    return _annotate(structure.without({g.name: "failed parity" for g in structure.groups}), head_failures)
+
+
+def _annotate(structure: Structure, head_failures: dict[str, str]) -> Structure:
+    """Say, for groups rejected inside an attention module, why its heads were not prunable either."""
+    if not head_failures:
+        return structure
+    rejected = []
+    for r in structure.rejected:
+        a = next((m for m in head_failures if r.name.startswith(m + ".")), None)
+        rejected.append(Rejected(r.name, f"{r.reason}; as heads: {head_failures[a]}"[:400]) if a is not None else r)
+    structure.rejected = rejected
+    return structure
