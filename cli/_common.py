@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
 
-__all__ = ["user_errors", "fail", "console", "err_console"]
+__all__ = ["user_errors", "fail", "console", "err_console", "is_tty", "parse_value", "parse_assignments",
+           "read_config_file", "flatten"]
 
 
 def fail(problem: str, fix: str) -> "typer.Exit":
@@ -57,3 +59,80 @@ def err_console():
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+# ------------------------------------------------------------------------------------------------ config input
+
+def parse_value(text: str) -> Any:
+    """A command-line value as a TOML/JSON literal (``3``, ``0.01``, ``true``, ``[1, 2]``, ``"x"``); else the text."""
+    import json
+
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_assignments(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings (repeatable options such as ``--set optim.lr=0.01``) as a dict of parsed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=option)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file as a dict: TOML (``tomllib``), YAML (pyyaml) or JSON, chosen by the extension."""
+    import json
+
+    from anpyc.errors import ConfigError
+
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path} ({e})", "pass a readable UTF-8 .toml/.yaml/.json file")
+    try:
+        if suffix == ".toml":
+            import tomllib
+
+            doc = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            doc = yaml.safe_load(text)
+        elif suffix == ".json":
+            doc = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} has an unknown extension {path.suffix!r}",
+                              "use .toml, .yaml/.yml or .json")
+    except ConfigError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError
+        detail = " ".join(str(e).split())
+        raise ConfigError(f"config file {path} is not valid {suffix[1:].upper()}: {detail}",
+                          "fix the syntax at the position given") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"config file {path} must hold a table/mapping at the top, not {type(doc).__name__}",
+                          "write key = value lines (TOML) or key: value lines (YAML)")
+    return doc
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested tables as dotted keys: ``{"optim": {"lr": 0.1}}`` -> ``{"optim.lr": 0.1}``."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
