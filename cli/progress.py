@@ -1,0 +1,155 @@
+"""Training progress for ``anpyc train`` and ``anpyc quickstart``, driven by the learner's events.
+
+:class:`LiveProgress` draws rich progress bars (tasks; the current train/retrain epoch with its loss; the prune loop
+with the units released so far) and prints one line per finished task above them. :class:`LineProgress` prints a
+few plain lines per task instead, for logs and pipes. Both are :class:`anpyc.learner.Callback` plugins: they only
+read the event dicts (see ``RUN/events.jsonl``), so what they show is what the run recorded.
+
+Imported inside command bodies only (it imports torch through the learner).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from anpyc.learner import Callback
+
+__all__ = ["LiveProgress", "LineProgress", "make_progress", "task_line"]
+
+
+def _pct(v: float | None) -> str:
+    return "  -  " if v is None else f"{100 * v:5.1f}"
+
+
+def task_line(event: dict, name: str) -> str:
+    """One plain line for a ``task_end`` event: the accuracy row, capacity, parameters."""
+    row = event.get("acc_row") or [None]
+    earlier = " ".join(_pct(v).strip() for v in row[:-1])
+    return (f"task {event['task']} {name} done: test acc {_pct(row[-1]).strip()}%"
+            f"{' (earlier tasks: ' + earlier + ')' if earlier else ''}, capacity used "
+            f"{100 * event.get('capacity', 0):.0f}%, params {event.get('params', 0):,}")
+
+
+class _Base(Callback):
+    def __init__(self, console: Console, *, num_tasks: int, epochs: int, retrain_epochs: int, done: int = 0):
+        self.console = console
+        self.num_tasks, self.epochs, self.retrain_epochs = num_tasks, epochs, retrain_epochs
+        self.done = done
+        self.names: dict[int, str] = {}
+        self.last: dict = {}
+
+    def __enter__(self) -> "_Base":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+class LiveProgress(_Base):
+    """Three rich bars: tasks, the current epoch (fractional, per batch) and the prune loop of the current task."""
+
+    def __init__(self, console: Console, **kw: Any):
+        super().__init__(console, **kw)
+        self.progress = Progress(
+            TextColumn("{task.description:<22}"), BarColumn(bar_width=28), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
+            refresh_per_second=8,
+        )
+        self.tasks_bar: TaskID = self.progress.add_task("tasks", total=self.num_tasks, completed=self.done, info="")
+        self.epoch_bar: TaskID = self.progress.add_task("train", total=self.epochs, info="", visible=False)
+        self.prune_bar: TaskID = self.progress.add_task("prune", total=None, info="", visible=False)
+        self.phase: str | None = None
+        self.epochs_done = 0
+
+    def __enter__(self) -> "LiveProgress":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.stop()
+
+    def _begin_phase(self, phase: str) -> None:
+        self.phase = phase
+        self.epochs_done = 0
+        total = self.epochs if phase == "train" else self.retrain_epochs
+        self.progress.reset(self.epoch_bar, total=max(total, 1), completed=0, description=f"  {phase} epochs",
+                            info="", visible=True)
+
+    def on_batch(self, phase: str, batch: int, total: int, loss: float) -> None:
+        if phase != self.phase:
+            self._begin_phase(phase)
+        self.progress.update(self.epoch_bar, completed=self.epochs_done + batch / max(total, 1),
+                             info=f"batch {batch}/{total} loss {loss:.3f}")
+
+    def on_event(self, event: dict) -> None:
+        kind = event.get("event")
+        p = self.progress
+        if kind == "task_start":
+            self.names[event["task"]] = str(event.get("name", event["task"]))
+            p.update(self.tasks_bar, description=f"task {event['task']} {self.names[event['task']]}"[:22],
+                     info=f"{event.get('claimed_units', 0):,} free units claimed")
+            p.update(self.prune_bar, visible=False)
+            self.phase = None
+        elif kind == "epoch":
+            phase = event.get("phase", "train")
+            if phase != self.phase:
+                self._begin_phase(phase)
+            self.epochs_done = int(event.get("epoch", 0)) + 1
+            label = "  train epochs" if phase == "train" else f"  retrain (step {event.get('step', 0)})"
+            p.update(self.epoch_bar, completed=self.epochs_done, description=label,
+                     info=f"loss {event.get('loss', float('nan')):.3f} acc {event.get('train_acc', 0):.3f}")
+            if phase == "retrain" and self.epochs_done >= self.retrain_epochs:
+                self.phase = None  # the next prune step starts a new retrain block
+        elif kind == "eval" and event.get("phase") == "train_end":
+            p.update(self.tasks_bar, info=f"val acc after training {event.get('val_acc', 0):.3f}")
+            p.reset(self.prune_bar, total=None, completed=0, description="  prune (units)", info="scoring units",
+                    visible=True)
+        elif kind == "prune_step":
+            verdict = "kept" if event.get("accepted") else "rolled back"
+            p.update(self.prune_bar, total=max(int(event.get("claim", 0)), 1),
+                     completed=int(event.get("released_total", 0)),
+                     info=f"step {event.get('k')}: -{event.get('released')} units, val {event.get('val_acc', 0):.3f} "
+                          f"{verdict}")
+        elif kind == "task_end":
+            self.done += 1
+            p.update(self.tasks_bar, completed=self.done, info="")
+            p.update(self.epoch_bar, visible=False)
+            p.update(self.prune_bar, visible=False)
+            p.console.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False,
+                            highlight=False)
+
+
+class LineProgress(_Base):
+    """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes."""
+
+    def on_event(self, event: dict) -> None:
+        kind = event.get("event")
+        c = self.console
+        if kind == "task_start":
+            self.names[event["task"]] = str(event.get("name", event["task"]))
+            self.last = {}
+            c.print(f"task {event['task']} {self.names[event['task']]} ({self.done + 1}/{self.num_tasks}): "
+                    f"training {self.epochs} epochs on {event.get('claimed_units', 0):,} claimed units",
+                    markup=False, highlight=False)
+        elif kind == "epoch" and event.get("phase") == "train":
+            self.last = event
+        elif kind == "eval" and event.get("phase") == "train_end":
+            last = self.last
+            c.print(f"  trained: loss {last.get('loss', float('nan')):.3f}, train acc {last.get('train_acc', 0):.3f}, "
+                    f"val acc {event.get('val_acc', 0):.3f}", markup=False, highlight=False)
+        elif kind == "prune_step":
+            verdict = "kept" if event.get("accepted") else "rolled back"
+            c.print(f"  prune step {event.get('k')}: released {event.get('released')} units, val acc "
+                    f"{event.get('val_acc', 0):.3f}, {verdict} ({event.get('released_total')}/{event.get('claim')} "
+                    f"of the claim released)", markup=False, highlight=False)
+        elif kind == "task_end":
+            self.done += 1
+            c.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False, highlight=False)
+
+
+def make_progress(console: Console, *, live: bool, **kw: Any) -> _Base:
+    """Bars on a terminal (``live``), plain lines otherwise."""
+    return LiveProgress(console, **kw) if live else LineProgress(console, **kw)
