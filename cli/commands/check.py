@@ -1,0 +1,126 @@
+"""Check a backbone before a long run: does it walk into units, mask per task and export to ONNX with parity?
+
+Exit code 0 when it does, 1 when it does not (the reason is printed), 2 for a bad name or option.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v) if v else "-"
+    return str(v)
+
+
+def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The checker's report as labelled lines; known keys are summarised, unknown ones printed as they are."""
+    from ..report import fmt_count
+
+    rows: list[tuple[str, str]] = [("model", str(result.get("model")))]
+    shown = {"model", "ok", "reason"}
+
+    def add(label: str, keys: tuple[str, ...], text: str) -> None:
+        if all(k in result for k in keys):
+            rows.append((label, text))
+        shown.update(keys)
+
+    kinds = result.get("group_kinds") or {}
+    add("input size", ("img_size",), str(result.get("img_size")))
+    add("unit groups", ("groups",), f"{result.get('groups')}" + (f" ({', '.join(f'{k} {v}' for k, v in kinds.items())})"
+                                                                 if kinds else ""))
+    shown.add("group_kinds")
+    rej = result.get("rejected")
+    if isinstance(rej, dict):
+        reasons = ", ".join(f"{k} x{v}" for k, v in (rej.get("reasons") or {}).items())
+        add("rejected groups", ("rejected",), f"{rej.get('count', 0)}" + (f" ({reasons})" if reasons else ""))
+    else:
+        add("rejected groups", ("rejected",), _fmt(rej))
+    add("units", ("units",), f"{result.get('units'):,}" if isinstance(result.get("units"), int) else
+        _fmt(result.get("units")))
+    if "prunable_fraction" in result:
+        add("prunable", ("prunable_fraction",), f"{100 * float(result['prunable_fraction']):.0f}% of the trunk's "
+                                                "parameters are in maskable groups")
+    dense_p, dense_f = result.get("dense_params"), result.get("dense_flops")
+    add("params per task", ("params_per_task",), ", ".join(fmt_count(v) for v in result.get("params_per_task") or [])
+        + (f" (dense {fmt_count(dense_p)})" if dense_p else ""))
+    shown.add("dense_params")
+    if "flops_per_task" in result:
+        add("FLOPs per task", ("flops_per_task",), ", ".join(fmt_count(v) for v in result["flops_per_task"] or [])
+            + (f" (dense {fmt_count(dense_f)})" if dense_f else ""))
+    shown.add("dense_flops")
+    add("ONNX parity", ("parity",), _fmt(result.get("parity")) + " (max abs diff, onnxruntime vs masked torch)")
+    add("exporter", ("exporter",), _fmt(result.get("exporter")))
+    if not result.get("ok"):
+        add("failed at", ("stage",), str(result.get("stage")))
+    shown.add("stage")
+    add("seconds", ("seconds",), _fmt(result.get("seconds")))
+    rows += [(k, _fmt(v)) for k, v in result.items() if k not in shown]
+    return rows
+
+
+def command(
+    model: Annotated[str, typer.Argument(help="Backbone name (any timm model, or mlp/cnn; see `anpyc models`).")],
+    img_size: Annotated[Optional[int], typer.Option("--img-size", help="Input side in pixels \\[default: the "
+                                                    "checker's choice for the model].")] = None,
+    tasks: Annotated[int, typer.Option("--tasks", help="Synthetic tasks to learn and export.")] = 2,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps per task \\[default: the "
+                                                 "checker's].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, help="Keep the run and the export here "
+                                                "\\[default: a temporary folder].")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch/onnxruntime threads.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    if img_size is not None and img_size < 1:
+        raise typer.BadParameter("img-size must be >= 1", param_hint="--img-size")
+    if tasks < 1:
+        raise typer.BadParameter("tasks must be >= 1", param_hint="--tasks")
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
+    if steps is not None and steps < 1:
+        raise typer.BadParameter("steps must be >= 1", param_hint="--steps")
+
+    import json
+
+    try:
+        from anpyc.export.check import check_model
+    except ModuleNotFoundError as e:  # a missing part of this installation, not a user error: keep the traceback
+        if e.name != "anpyc.export.check":
+            raise
+        raise RuntimeError("anpyc check needs anpyc.export.check, which this installation lacks") from e
+    from anpyc.adapters.backbones import create_backbone, is_known
+
+    from .._common import console
+
+    if not is_known(model):
+        create_backbone(model)  # raises ModelError naming close matches
+    kwargs: dict[str, Any] = {"img_size": img_size, "num_tasks": tasks, "out_dir": out}
+    if steps is not None:
+        kwargs["steps"] = steps
+    if threads is not None:
+        kwargs["threads"] = threads
+    result = check_model(model, **kwargs)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+    else:
+        from rich.table import Table
+
+        con = console()
+        table = Table(show_header=False, show_edge=False, pad_edge=False, box=None)
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for label, value in _rows(result):
+            table.add_row(label, value)
+        con.print(table)
+        if result.get("ok"):
+            con.print(f"[green]OK[/green]: {model} walks, masks and exports cleanly", highlight=False)
+        else:
+            con.print(f"[red]NOT OK[/red]: {model}: {result.get('reason') or 'no reason given'}", highlight=False)
+    if not result.get("ok"):
+        raise typer.Exit(code=1)
