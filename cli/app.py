@@ -18,9 +18,15 @@ app = typer.Typer(
 
 # (command name, module under anpyc.cli.commands); each module defines ``command``.
 COMMANDS: tuple[tuple[str, str], ...] = (
+    ("quickstart", "quickstart"),
+    ("train", "train"),
+    ("eval", "eval"),
+    ("inspect", "inspect"),
     ("export", "export"),
     ("predict", "predict"),
     ("serve", "serve"),
+    ("models", "models"),
+    ("check", "check"),
 )
 
 for _name, _module in COMMANDS:

@@ -1,0 +1,148 @@
+"""Start here: learn 5 tasks of real digits offline, export each to ONNX, predict PNGs with onnxruntime, plot.
+
+A small timm model (random init) learns 5 two-class tasks of scikit-learn's digits in about 2 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+# The recipe, chosen by measurement on 2 CPU cores (see the README): scikit-learn's 8x8 digits upsampled to 32x32,
+# split into 5 two-class tasks ({0,1}, {2,3}, ...); a mobilenetv3 at half width from random initialisation.
+QUICKSTART_MODEL = "mobilenetv3_small_050"
+QUICKSTART_STREAM = "digits-split"
+QUICKSTART_IMG_SIZE = 32
+QUICKSTART_CONFIG: dict[str, Any] = {
+    "optim.epochs": 8,
+    "optim.batch_size": 32,
+    "prune.step": 0.2,
+    "prune.min_step": 0.05,
+    "prune.retrain_epochs": 2,
+    # val sets hold ~72 images per task: 0.05 allows 3 of them to flip, so noise alone does not veto every step
+    "prune.tolerance": 0.05,
+}
+IMAGES_PER_CLASS = 1
+
+
+def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
+    """A few digits from the test split (never trained on) as PNG files: ``(path, task id, true class name)``."""
+    from PIL import Image
+
+    from anpyc.adapters.data import digits_arrays
+    from anpyc.adapters.data.offline import digits_source
+
+    images, labels = digits_arrays()
+    rows = digits_source(0).splits["test"]
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in stream:
+        for cls in task.classes:
+            picked = [int(r) for r in rows if str(int(labels[r])) == cls][:IMAGES_PER_CLASS]
+            for r in picked:
+                path = out / f"task{task.id}-digit{cls}-{r}.png"
+                Image.fromarray(images[r], mode="L").save(path)
+                written.append((path, task.id, cls))
+    return written
+
+
+def command(
+    out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the run, the export, the "
+                                      "images and the plots.")] = Path("anpyc-quickstart"),
+    model: Annotated[str, typer.Option("--model", "-m", help="Backbone (the settings were tuned for the "
+                                       "default).")] = QUICKSTART_MODEL,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads \\[default: torch's].")] = None,
+    progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
+                                                     "terminal].", show_default=False)] = None,
+) -> None:
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
+    run = out / "run"
+    if (run / "run.json").exists():
+        from .._common import fail
+
+        raise fail(f"{out} already holds a quickstart run", "pass another --out, or delete the folder")
+    t0 = time.time()
+
+    from anpyc.adapters.data import make_stream
+    from anpyc.config import method_config
+    from anpyc.export.exporter import export_all
+    from anpyc.export.runtime import load_export
+    from anpyc.learner import ContinualLearner
+
+    from .._common import console
+    from ..plots import write_plots
+    from ..progress import make_progress
+    from ..report import print_summary
+    from ..sources import DataSource, write_source
+
+    con = console()
+    overrides = dict(QUICKSTART_CONFIG)
+    if threads is not None:
+        overrides["threads"] = threads
+    stream = make_stream(QUICKSTART_STREAM, img_size=QUICKSTART_IMG_SIZE)
+    con.rule("[bold]anpyc quickstart")
+    con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
+              f"({', '.join('{' + ','.join(t.classes) + '}' for t in stream)}), one after another, each with its own "
+              f"head and subnetwork. Offline, CPU.", highlight=False)
+    learner = ContinualLearner(model, input_spec=stream.input_spec, out_dir=run,
+                               config=method_config("anpyc", **overrides))
+    write_source(run, DataSource("benchmark", QUICKSTART_STREAM, {"img_size": QUICKSTART_IMG_SIZE}))
+    cfg = learner.config
+    bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
+                         epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs)
+    learner.callbacks.append(bars)
+    try:
+        with bars:
+            metrics = learner.fit(stream)
+    finally:
+        if learner.run is not None:
+            learner.run.close()  # release the run's lock; the export below only reads the learner
+    t_train = time.time() - t0
+
+    con.rule("[bold]result")
+    print_summary(con, metrics)
+    plots = write_plots(metrics, run / "plots")
+
+    con.rule("[bold]export: one ONNX model per task")
+    export_dir = out / "export"
+    sidecars = export_all(learner, export_dir, threads=threads)
+    for s in sidecars:
+        con.print(f"task {s['task']}: {export_dir / s['file']}  params {s['params']:,}, parity vs torch "
+                  f"{s['parity']['max_abs_diff']:.1e}", highlight=False)
+
+    con.rule("[bold]predict PNG files with onnxruntime (no torch)")
+    images = _write_test_images(out / "images", stream)
+    models = load_export(export_dir, threads=threads or 1)
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("image", "task", "true", "predicted", "score"):
+        table.add_column(col, justify="left" if col == "image" else "right")
+    correct = 0
+    for path, task, cls in images:
+        best = models.predict(task, [str(path)])[0][0]
+        ok = best["label"] == cls
+        correct += ok
+        table.add_row(str(path), str(task), cls, Text(best["label"], style="green" if ok else "red"),
+                      f"{best['score']:.3f}")
+    con.print(table)
+    con.print(f"{correct}/{len(images)} test digits classified correctly by the exported models", highlight=False)
+
+    con.rule("[bold]files and next steps")
+    acc = metrics.get("acc")
+    con.print(f"ACC {100 * acc:.1f}% over {len(stream)} tasks; trained in {t_train:.0f}s, all done in "
+              f"{time.time() - t0:.0f}s", style="bold", highlight=False)
+    con.print(f"run:    {run}   (config.json, data.json, metrics.json, events.jsonl, state/)", highlight=False)
+    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False)
+    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False)
+    example = images[0][0] if images else "IMAGE.png"
+    for line in (f"anpyc inspect {run}", f"anpyc eval {run}",
+                 f"anpyc predict {export_dir} --task {images[0][1] if images else 0} {example}",
+                 f"anpyc serve {export_dir}",
+                 "anpyc train --model resnet18 --data path/to/images --out runs/mine --img-size 64"):
+        con.print(f"  {line}", highlight=False, markup=False)
