@@ -69,12 +69,22 @@ class DataSource:
         doc = {"kind": self.kind, "source": self.source, "options": self.options, "tasks": self.tasks, **changes}
         return DataSource(**doc)
 
-    def open(self):
-        """Build the :class:`~anpyc.task.TaskStream` (bad options raise ConfigError, bad folders DataError)."""
-        from anpyc.adapters.data import make_stream
+    def open(self, input_spec=None):
+        """Build the :class:`~anpyc.task.TaskStream` (bad options raise ConfigError, bad folders DataError).
+
+        ``input_spec`` (a run's recorded one) is passed, for images, to builders that take it, so a re-built stream
+        encodes images exactly as the run was trained on, whatever ``img_size`` the options say.
+        """
+        import inspect
+
+        from anpyc.adapters.data import STREAMS, make_stream
         from anpyc.errors import ConfigError, DataError
 
         options = dict(self.options)
+        builder = self.source if self.kind == "benchmark" else self.kind
+        if input_spec is not None and input_spec.kind == "image" and builder in STREAMS \
+                and "input_spec" in inspect.signature(STREAMS.get(builder)).parameters:
+            options["input_spec"] = input_spec
         if self.kind == "benchmark":
             stream = make_stream(self.source, **options)
         else:

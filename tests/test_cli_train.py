@@ -172,6 +172,12 @@ def test_train_user_errors(trained, tmp_path):
                       "does not take colour")
     assert_user_error(invoke("train", "--model", "test_resnet", *SYNTH, "--tasks", "9", "--out", out),
                       "--tasks 9", "1..3")
+    assert_user_error(invoke("train", "--model", "mlp", *SYNTH, "--out", out, "--device", "gpu"), "unknown device 'gpu'")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert_user_error(invoke("train", "--model", "mlp", *SYNTH, "--out", out, "--device", "cuda"),
+                          "torch sees no CUDA GPU", "--device cpu")
     assert_user_error(invoke("train", "--resume", "--out", out), "no run to resume")
     assert not out.exists() or not (out / "run.json").exists()
     r = invoke("train", "--resume", "--out", run, "--epochs", "3")

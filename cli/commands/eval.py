@@ -66,7 +66,7 @@ def command(
         if task not in ids:
             raise DataError(f"task {task} is not a learned task of {run}", f"pass --task with one of {ids}")
         ids = [task]
-    stream = {t.id: t for t in src.open()}
+    stream = {t.id: t for t in src.open(input_spec=learner.input_spec)}
     missing = [t for t in ids if t not in stream]
     if missing:
         raise DataError(f"the data ({src.describe()}) has no task {missing[0]}",
@@ -103,13 +103,14 @@ def command(
         return
     con = console()
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False)
     for col in ("task", "samples", "accuracy now", "when learned", "change"):
         table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
     for r in rows:
         change = r["accuracy"] - r["learned"] if r["learned"] is not None else None
-        table.add_row(f"{r['task']}:{r['name']}", fmt_count(r["samples"]), f"{100 * r['accuracy']:.1f}%",
+        table.add_row(Text(f"{r['task']}:{r['name']}"), fmt_count(r["samples"]), f"{100 * r['accuracy']:.1f}%",
                       "-" if r["learned"] is None else f"{100 * r['learned']:.1f}%",
                       "-" if change is None else f"{100 * change:+.1f} pts")
     con.print(titled(f"{split.value} accuracy of {run} ({learner.backbone_name}, {learner.config.method}) on "

@@ -41,6 +41,28 @@ def _positive(value: Optional[int], flag: str) -> None:
         raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=flag)
 
 
+def _check_device(device: str) -> None:
+    """A device this machine has (the core passes the string to torch, which fails late with a traceback)."""
+    import torch
+
+    from anpyc.errors import ConfigError
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} was asked for, but torch sees no CUDA GPU here", "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))",
+                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' was asked for, but torch sees no Apple GPU here", "use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} is not supported", "use cpu, cuda, cuda:N or mps")
+
+
 def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Split a config file into (model part, data part, learner overrides)."""
     from anpyc.errors import ConfigError
@@ -167,6 +189,7 @@ def command(
     if not isinstance(preset, str):
         raise ConfigError(f"config key 'method' must be a string, got {preset!r}", 'write method = "anpyc"')
     config = method_config(preset, **dotted)  # ConfigError (exit 2) names an unknown key or a wrong type
+    _check_device(config.device)
     if not is_known(name):
         create_backbone(name)  # neither timm nor registered: raises ModelError naming close matches
     src = resolve_source(source, options=stream_opts, tasks=n_tasks, base=None if data else file_data.get("base"))
@@ -196,14 +219,18 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
     else:
         raise RunDirError(f"run {out} does not record its data (no data.json: it was not started by anpyc train)",
                           "pass --data BENCHMARK|DIR with the data it was trained on")
-    stream = src.open()
-
     from anpyc.learner import ContinualLearner
 
     learner = ContinualLearner.resume(out)
-    if model is not None and model != learner.backbone_name:
-        raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
-                                 "drop --model to resume it", param_hint="--model")
+    try:
+        if model is not None and model != learner.backbone_name:
+            raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
+                                     "drop --model to resume it", param_hint="--model")
+        stream = src.open(input_spec=learner.input_spec)
+    except BaseException:
+        if learner.run is not None:
+            learner.run.close()
+        raise
     if threads is not None:  # the core keeps the recorded config; threads are a property of this process only
         import torch
 
@@ -212,6 +239,8 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
 
 
 def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool) -> None:
+    from rich.text import Text
+
     from .._common import console
     from ..plots import write_plots
     from ..progress import make_progress
@@ -227,8 +256,8 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
                          epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs, done=done)
     if main:
-        con.print(f"[bold]anpyc train[/bold]: {learner.backbone_name} / {cfg.method} on {src.describe()} "
-                  f"-> {out}", highlight=False)
+        con.print(Text.assemble(("anpyc train", "bold"), f": {learner.backbone_name} / {cfg.method} on "
+                                f"{src.describe()} -> {out}"))
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
         learner.callbacks.append(bars)
@@ -245,5 +274,6 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
     if plots:
         written = write_plots(metrics, out / "plots")
         if written:
-            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False)
-    con.print(f"run: {out}  (next: anpyc eval {out} | anpyc inspect {out} | anpyc export {out})", highlight=False)
+            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False, markup=False)
+    con.print(f"run: {out}  (next: anpyc eval {out} | anpyc inspect {out} | anpyc export {out})", highlight=False,
+              markup=False)
