@@ -63,6 +63,7 @@ class LiveProgress(_Base):
         self.prune_bar: TaskID = self.progress.add_task("prune", total=None, info="", visible=False)
         self.phase: str | None = None
         self.epochs_done = 0
+        self.prune_steps = 0  # prune steps finished in the current task (the next retrain block is step number this)
 
     def __enter__(self) -> "LiveProgress":
         self.progress.start()
@@ -75,8 +76,9 @@ class LiveProgress(_Base):
         self.phase = phase
         self.epochs_done = 0
         total = self.epochs if phase == "train" else self.retrain_epochs
-        self.progress.reset(self.epoch_bar, total=max(total, 1), completed=0, description=f"  {phase} epochs",
-                            info="", visible=True)
+        label = "  train epochs" if phase == "train" else f"  retrain (step {self.prune_steps})"
+        self.progress.reset(self.epoch_bar, total=max(total, 1), completed=0, description=label, info="",
+                            visible=True)
 
     def on_batch(self, phase: str, batch: int, total: int, loss: float) -> None:
         if phase != self.phase:
@@ -93,6 +95,7 @@ class LiveProgress(_Base):
                      info=f"{event.get('claimed_units', 0):,} free units claimed")
             p.update(self.prune_bar, visible=False)
             self.phase = None
+            self.prune_steps = 0
         elif kind == "epoch":
             phase = event.get("phase", "train")
             if phase != self.phase:
@@ -108,6 +111,7 @@ class LiveProgress(_Base):
             p.reset(self.prune_bar, total=None, completed=0, description="  prune (units)", info="scoring units",
                     visible=True)
         elif kind == "prune_step":
+            self.prune_steps = int(event.get("k", self.prune_steps)) + 1
             verdict = "kept" if event.get("accepted") else "rolled back"
             p.update(self.prune_bar, total=max(int(event.get("claim", 0)), 1),
                      completed=int(event.get("released_total", 0)),

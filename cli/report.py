@@ -48,7 +48,7 @@ def accuracy_table(matrix: Sequence[Sequence[float | None]], names: Sequence[str
     table = Table(show_edge=False, pad_edge=False)
     table.add_column("after", style="bold", no_wrap=True)
     for name in names[: len(matrix)]:
-        table.add_column(name, justify="right", no_wrap=True)
+        table.add_column(Text(name), justify="right", no_wrap=True)
     for i, row in enumerate(matrix):
         cells = []
         for j in range(len(matrix)):
@@ -60,7 +60,7 @@ def accuracy_table(matrix: Sequence[Sequence[float | None]], names: Sequence[str
             drop = 100 * (diag - v) if _ok(diag) else 0.0
             style = "bold" if i == j else ("red" if drop > _DROP_BAD else "yellow" if drop > _DROP_WARN else "green")
             cells.append(Text(f"{100 * v:.1f}", style=style))
-        table.add_row(names[i] if i < len(names) else str(i), *cells)
+        table.add_row(Text(names[i] if i < len(names) else str(i)), *cells)
     return titled(title, table)
 
 
@@ -88,7 +88,7 @@ def task_table(metrics: dict) -> Table:
         secs = (metrics.get("seconds") or [None] * (k + 1))[k]
         claim = prune.get("claim") or 0
         table.add_row(
-            name,
+            Text(name),
             str(len(tasks[k].get("classes") or [])) if k < len(tasks) else "-",
             f"{100 * now:.1f}%" if _ok(now) else "-",
             f"{100 * learned:.1f}%" if _ok(learned) else "-",

@@ -25,13 +25,13 @@ def _png(path: Path, value: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     img = np.clip(rng.normal(value, 20, size=(12, 12, 3)), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img, mode="RGB").save(path)
+    Image.fromarray(img).save(path)
 
 
 def make_tree(root: Path, per_class: int = 6) -> Path:
-    """root/<task>/train/<class>/*.png, two tasks of two classes (bright vs dark, red vs blue-ish)."""
+    """root/<task>/train/<class>/*.png, two tasks of two classes; "[v2]" would be eaten by unescaped rich markup."""
     seed = 0
-    for task, classes in (("animals", {"cat": 200, "dog": 50}), ("vehicles", {"bus": 180, "car": 70})):
+    for task, classes in (("animals", {"cat": 200, "dog": 50}), ("vehicles [v2]", {"bus": 180, "car": 70})):
         for cls, value in classes.items():
             for i in range(per_class):
                 seed += 1
@@ -45,22 +45,36 @@ def test_folder_dataset_trains_evaluates_and_exports(tmp_path):
     r = invoke("train", "--model", "test_resnet", "--data", root, "--img-size", "32", "--out", run, *FAST)
     assert r.exit_code == 0, r.output
     out = " ".join(r.stdout.split())
-    assert "on folder" in out and "task 0 animals done" in out and "task 1 vehicles done" in out
+    assert "on folder" in out and "task 0 animals done" in out and "task 1 vehicles [v2] done" in out
     data = json.loads((run / "data.json").read_text())
     assert data["kind"] == "folder" and data["source"] == str(root.resolve()) and data["options"] == {"img_size": 32}
     metrics = json.loads((run / "metrics.json").read_text())
     assert [(t["name"], t["classes"]) for t in metrics["tasks"]] == [("animals", ["cat", "dog"]),
-                                                                     ("vehicles", ["bus", "car"])]
+                                                                     ("vehicles [v2]", ["bus", "car"])]
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["input_spec"]["shape"] == [3, 32, 32]
     r = invoke("eval", run, "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert [t["name"] for t in doc["tasks"]] == ["animals", "vehicles"]
+    assert [t["name"] for t in doc["tasks"]] == ["animals", "vehicles [v2]"]
     assert doc["max_diff_to_recorded"] == 0.0
+    # the run's recorded input spec wins over a different image size: evaluation sees what training saw
+    r = invoke("eval", run, "--json", "--data", root, "--data-opt", "img_size=16")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["max_diff_to_recorded"] == 0.0
+    from anpyc.cli.sources import resolve_source
+    from anpyc.task import InputSpec
+
+    spec = InputSpec.from_dict(manifest["input_spec"])
+    src = resolve_source(str(root), options={"img_size": 16})
+    assert src.open().input_spec.shape == (3, 16, 16)
+    assert src.open(input_spec=spec).input_spec == spec
+    r = invoke("inspect", run)
+    assert r.exit_code == 0, r.output
+    assert "1:vehicles [v2]" in r.stdout
     r = invoke("export", run)
     assert r.exit_code == 0, r.output
-    r = invoke("predict", run / "export", "--task", "1", root / "vehicles" / "train" / "bus" / "bus0.png")
+    r = invoke("predict", run / "export", "--task", "1", root / "vehicles [v2]" / "train" / "bus" / "bus0.png")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)[0]["predictions"][0]["label"] in ("bus", "car")
 

@@ -110,17 +110,18 @@ def command(
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
         from rich.table import Table
+        from rich.text import Text
 
         con = console()
         table = Table(show_header=False, show_edge=False, pad_edge=False, box=None)
         table.add_column(style="bold", no_wrap=True)
         table.add_column()
         for label, value in _rows(result):
-            table.add_row(label, value)
+            table.add_row(Text(label), Text(value))
         con.print(table)
         if result.get("ok"):
-            con.print(f"[green]OK[/green]: {model} walks, masks and exports cleanly", highlight=False)
+            con.print(Text.assemble(("OK", "green"), f": {model} walks, masks and exports cleanly"))
         else:
-            con.print(f"[red]NOT OK[/red]: {model}: {result.get('reason') or 'no reason given'}", highlight=False)
+            con.print(Text.assemble(("NOT OK", "red"), f": {model}: {result.get('reason') or 'no reason given'}"))
     if not result.get("ok"):
         raise typer.Exit(code=1)

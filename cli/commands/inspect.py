@@ -111,7 +111,7 @@ def command(
     con.print(f"backbone {bb.get('name')}{'(' + kw + ')' if kw else ''}, input {spec.get('kind')} "
               f"{'x'.join(map(str, spec.get('shape') or []))}, method {metrics['method']}, "
               f"{schema.get('granularity')} granularity: {n_units:,} units in {len(segments)} "
-              f"{'tensors' if schema.get('granularity') == 'element' else 'groups'}", highlight=False)
+              f"{'tensors' if schema.get('granularity') == 'element' else 'groups'}", highlight=False, markup=False)
     finished = sum(1 for r in records if r.get("done"))
     status = f"{finished} task(s) finished"
     if cursor and cursor.get("phase") not in (None, "done"):
@@ -132,7 +132,7 @@ def command(
             table.add_column(str(r["id"]), justify="right")
         table.add_column("free", justify="right")
         for g in per_group:
-            table.add_row(g["name"], g["kind"], f"{g['size']:,}", *(f"{g['owned'][r['id']]:,}" for r in records),
+            table.add_row(Text(g["name"]), Text(g["kind"]), f"{g['size']:,}", *(f"{g['owned'][r['id']]:,}" for r in records),
                           f"{g['free']:,}")
         table.add_row(Text("total", style="bold"), "", f"{n_units:,}",
                       *(Text(f"{owned_now[r['id']]:,}", style="bold") for r in records),
@@ -148,4 +148,5 @@ def command(
         con.print(headline(metrics))
     if plots:
         con.print(f"plots: {', '.join(str(p) for p in written)}" if written else "plots: no finished task to plot",
+                  markup=False,
                   highlight=False)

@@ -44,7 +44,7 @@ def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
             picked = [int(r) for r in rows if str(int(labels[r])) == cls][:IMAGES_PER_CLASS]
             for r in picked:
                 path = out / f"task{task.id}-digit{cls}-{r}.png"
-                Image.fromarray(images[r], mode="L").save(path)
+                Image.fromarray(images[r]).save(path)
                 written.append((path, task.id, cls))
     return written
 
@@ -128,7 +128,7 @@ def command(
         best = models.predict(task, [str(path)])[0][0]
         ok = best["label"] == cls
         correct += ok
-        table.add_row(str(path), str(task), cls, Text(best["label"], style="green" if ok else "red"),
+        table.add_row(Text(str(path)), str(task), Text(cls), Text(best["label"], style="green" if ok else "red"),
                       f"{best['score']:.3f}")
     con.print(table)
     con.print(f"{correct}/{len(images)} test digits classified correctly by the exported models", highlight=False)
@@ -137,9 +137,10 @@ def command(
     acc = metrics.get("acc")
     con.print(f"ACC {100 * acc:.1f}% over {len(stream)} tasks; trained in {t_train:.0f}s, all done in "
               f"{time.time() - t0:.0f}s", style="bold", highlight=False)
-    con.print(f"run:    {run}   (config.json, data.json, metrics.json, events.jsonl, state/)", highlight=False)
-    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False)
-    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False)
+    con.print(f"run:    {run}   (config.json, data.json, metrics.json, events.jsonl, state/)", highlight=False,
+              markup=False)
+    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False, markup=False)
+    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False, markup=False)
     example = images[0][0] if images else "IMAGE.png"
     for line in (f"anpyc inspect {run}", f"anpyc eval {run}",
                  f"anpyc predict {export_dir} --task {images[0][1] if images else 0} {example}",
