@@ -250,3 +250,21 @@ def test_config_file_yaml_and_bad_files(tmp_path):
     assert_user_error(invoke("train", "--config", other, "--out", tmp_path / "x"), "unknown extension")
     r = invoke("train", "--config", tmp_path / "missing.toml", "--out", tmp_path / "x")
     assert r.exit_code == 2 and "does not exist" in flat(r.output)
+
+
+def test_inspect_element_granularity_run(tmp_path):
+    """PackNet masks single weights: inspect lists weight tensors instead of unit groups."""
+    run = tmp_path / "run"
+    r = invoke("train", "--model", "mlp", "--model-opt", "hidden=[16]", "--data", "synthetic", "--data-opt",
+               "vector=true", "--data-opt", "dim=8", "--data-opt", "samples_per_class=8", "--tasks", "2",
+               "--method", "packnet", "--epochs", "1", "--out", run, "--no-plots")
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", run, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["masks"]["granularity"] == "element"
+    assert {g["name"] for g in doc["groups"]} == {"layers.1.weight"}
+    assert doc["groups"][0]["kind"] == "16x8" and doc["groups"][0]["size"] == 128
+    assert all(sum(g["owned"].values()) + g["free"] == g["size"] for g in doc["groups"])
+    r = invoke("inspect", run)
+    assert r.exit_code == 0 and "units owned per tensor" in flat(r.stdout) and "element granularity" in flat(r.stdout)
