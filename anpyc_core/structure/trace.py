@@ -119,7 +119,7 @@ def _guarded_index_mapping(problems: dict[int, str]):
 
     def update(graph) -> None:
         passes = {"CONCAT": _concat_mapping, "SPLIT": im.update_split_index_mapping,
-                  "RESHAPE": im.update_reshape_index_mapping, "UNBIND": im.update_unbind_index_mapping,
+                  "RESHAPE": _reshape_mapping, "UNBIND": im.update_unbind_index_mapping,
                   "EXPAND": im.update_expand_index_mapping, "SLICE": _slice_mapping}
         for node in list(graph.module2node.values()):
             fn = passes.get(_optype(node))
@@ -225,6 +225,66 @@ def _slice_mapping(graph, node) -> None:
     return im.update_slice_index_mapping(graph, node)
 
 
+class _LastDimMerge:
+    """Channels-last merge ``(..., k, C) -> (..., k*C)`` (Swin's patch merging): channel c of the input is at
+    ``m*C + c`` of the output for every m; the reverse maps a position back to ``p % C``."""
+
+    def __init__(self, channels: int, factor: int, reverse: bool = False):
+        self.channels, self.factor, self.reverse = channels, factor, reverse
+
+    def __call__(self, idxs):
+        from torch_pruning import _helpers
+
+        if self.reverse:
+            out = {(int(i.idx) % self.channels, i.root_idx) for i in idxs}
+            return [_helpers._HybridIndex(idx=j, root_idx=r) for j, r in sorted(out, key=lambda t: (t[0], str(t[1])))]
+        return [_helpers._HybridIndex(idx=m * self.channels + int(i.idx), root_idx=i.root_idx)
+                for i in idxs for m in range(self.factor)]
+
+
+def _reshape_mapping(graph, node) -> None:
+    """Reshapes of channels-last tensors, read from the real shapes. TP's flatten mapping assumes NCHW (channel c
+    becomes positions ``c*k .. c*k+k-1``); when the reshape's input has its channels last (its last dim is the
+    channel count of the producing layer), channels either stay the last-dim index (spatial reshapes, head
+    splits: no mapping) or are merged with the dims before them (``m*C + c``). Anything else is left to TP."""
+    from torch_pruning.dependency import index_mapping as im
+    from torch_pruning.dependency import shape_infer as si
+
+    g = node.grad_fn
+    try:
+        out_shape = [int(v) for v in g._input_metadata[0].shape]
+        src = [(f, nr) for f, nr in g.next_functions if f is not None]
+        in_shape = [int(v) for v in src[0][0]._input_metadata[src[0][1]].shape] if len(src) == 1 else None
+    except Exception:
+        in_shape = None
+    channels = None
+    if in_shape and len(in_shape) >= 3 and len(node.inputs) == 1:
+        try:
+            channels = si.infer_out_channels_recursively(graph, node.inputs[0], [0])
+        except Exception:
+            channels = None
+    if not channels or in_shape[-1] != channels or in_shape[1] == channels:
+        return im.update_reshape_index_mapping(graph, node)
+    last = out_shape[-1] if out_shape else None
+    if last is None or last <= channels or last % channels:
+        return None  # channels stay the last-dim index (or split into heads, kept flat as TP does for heads)
+    merged, j = 1, len(in_shape)
+    while j > 1 and merged < last:
+        j -= 1
+        merged *= in_shape[j]
+    if merged != last:
+        return None
+    factor = last // channels
+    in_node = node.inputs[0]
+    for dep in node.dependencies:
+        if dep.target is in_node:
+            dep.index_mapping[0] = _LastDimMerge(channels, factor, reverse=True)
+    for dep in in_node.dependencies:
+        if dep.target is node:
+            dep.index_mapping[0] = _LastDimMerge(channels, factor, reverse=False)
+    return None
+
+
 def _is_node_input(node, grad_fn) -> bool:
     variable = getattr(grad_fn, "variable", None)
     return any(n.module is variable for n in node.inputs)
@@ -306,9 +366,10 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
                         if mapping is not None:
                             mapped = mapping(mapped)
                     pairs = [(int(h.idx), int(h.root_idx)) for h in mapped]
+                    # channels beyond the target tensor's size do not exist there: a broadcast (a mean over
+                    # channels feeding an add) or a flatten mapping that multiplies indices without end
                     limit = bound(dep.target)
-                    if any(j < 0 or j >= limit for j, _ in pairs):  # a mapping that multiplies indices out of range
-                        raise IndexError(f"mapped channel outside the {limit} values of its tensor")
+                    pairs = [(j, r) for j, r in pairs if 0 <= j < limit]
                 except Exception as e:
                     why = f"cannot map channels between {_label(node)} and {_label(dep.target)} ({type(e).__name__})"
                     problems.setdefault(id(node), why)

@@ -89,13 +89,16 @@ def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example
     from ..masks import UnitSpace
 
     space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
+    try:  # sliced first: a copy made while the masked model's norm hooks sit on the trunk would carry them along
+        sliced = slice_trunk(trunk, structure, active).eval()
+    except Exception as e:
+        return ParityReport(False, float("inf"), f"{type(e).__name__}: {e}"[:300])
     masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
     masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
     masked.eval()
     try:
         with torch.no_grad():
             y_masked = masked.features(example)
-            sliced = slice_trunk(trunk, structure, active).eval()
             y_sliced = sliced(example)
         keep = kept_positions(structure.feature_unit_ids, active)
         y_ref = y_masked[:, keep]
