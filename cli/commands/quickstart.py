@@ -26,6 +26,9 @@ QUICKSTART_CONFIG: dict[str, Any] = {
     "prune.tolerance": 0.05,
 }
 IMAGES_PER_CLASS = 1
+# One torch thread: this model at 32x32 gains little from intra-op parallelism, and on a busy machine OpenMP threads
+# spin-waiting for each other made 2 threads several times slower than 1 (measured on a shared 2-core machine).
+QUICKSTART_THREADS = 1
 
 
 def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
@@ -54,11 +57,11 @@ def command(
                                       "images and the plots.")] = Path("anpyc-quickstart"),
     model: Annotated[str, typer.Option("--model", "-m", help="Backbone (the settings were tuned for the "
                                        "default).")] = QUICKSTART_MODEL,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads \\[default: torch's].")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="torch and onnxruntime CPU threads.")] = QUICKSTART_THREADS,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
 ) -> None:
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
     run = out / "run"
     if (run / "run.json").exists():
@@ -80,9 +83,7 @@ def command(
     from ..sources import DataSource, write_source
 
     con = console()
-    overrides = dict(QUICKSTART_CONFIG)
-    if threads is not None:
-        overrides["threads"] = threads
+    overrides = {**QUICKSTART_CONFIG, "threads": threads}
     stream = make_stream(QUICKSTART_STREAM, img_size=QUICKSTART_IMG_SIZE)
     con.rule("[bold]anpyc quickstart")
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
@@ -116,7 +117,7 @@ def command(
 
     con.rule("[bold]predict PNG files with onnxruntime (no torch)")
     images = _write_test_images(out / "images", stream)
-    models = load_export(export_dir, threads=threads or 1)
+    models = load_export(export_dir, threads=threads)
     from rich.table import Table
     from rich.text import Text
 
