@@ -1,0 +1,270 @@
+"""Serving under load: `anpyc serve` against 2,000 requests from 32 concurrent clients, valid and malformed mixed.
+
+    python benchmarks/serve_load.py [--requests 2000] [--concurrency 32] [--write]
+
+Builds a small export (a timm model trained briefly on two digits tasks), starts the real server in a
+subprocess (`python -m anpyc.cli serve`), and fires a shuffled mix of requests: image uploads and JSON tensors
+(valid), and oversized bodies, wrong content types, garbage bytes, garbage JSON, wrong shapes, NaN inputs and
+unknown tasks (malformed). Checks: every valid request answered 200 with predictions, every malformed one a
+4xx, the server still healthy at the end, its resident memory stable after warm-up. Latency percentiles of
+valid requests go to BENCHMARKS.md (with --write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_export(out: Path) -> Path:
+    """Train test_resnet briefly on two digits tasks and export both (parity-checked)."""
+    import torch
+
+    import anpyc
+    from anpyc.adapters.data import make_stream
+    from anpyc.config import method_config
+    from anpyc.export.exporter import export_all
+
+    torch.set_num_threads(2)
+    stream = make_stream("digits-split", img_size=32).take(2)
+    cfg = method_config("anpyc", **{"optim.epochs": 2, "optim.batch_size": 32, "prune.mode": "schedule",
+                                    "prune.first_ratio": 0.5, "prune.step": 0.5, "prune.retrain_epochs": 1})
+    learner = anpyc.ContinualLearner("test_resnet", input_spec=stream.input_spec, config=cfg)
+    learner.fit(stream)
+    export_all(learner, out)
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _png(rng: random.Random, size: int = 8) -> bytes:
+    from PIL import Image
+
+    arr = np.array([[rng.randrange(256) for _ in range(size)] for _ in range(size)], dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_requests(n: int, shape: tuple[int, ...], tasks: list[int], seed: int = 0) -> list[dict]:
+    """A shuffled mix: ~60% valid (uploads and tensors), ~40% malformed of seven kinds."""
+    rng = random.Random(seed)
+    sample = np.random.default_rng(seed).standard_normal(shape).round(3).tolist()
+    kinds = (["upload"] * 30 + ["tensor"] * 30 + ["oversized"] * 2 + ["content_type"] * 8 + ["garbage_image"] * 8
+             + ["garbage_json"] * 6 + ["wrong_shape"] * 6 + ["nan"] * 4 + ["unknown_task"] * 6)
+    reqs = []
+    for i in range(n):
+        kind = rng.choice(kinds)
+        t = rng.choice(tasks)
+        r = {"kind": kind, "valid": kind in ("upload", "tensor"), "path": f"/tasks/{t}/predict"}
+        if kind == "upload":
+            r["files"] = [("file", (f"d{i}.png", _png(rng), "image/png"))]
+        elif kind == "tensor":
+            r["json"] = {"inputs": [sample]}
+        elif kind == "oversized":
+            r["content"] = b"0" * (9 * 1024 * 1024)
+            r["headers"] = {"content-type": "application/json"}
+        elif kind == "content_type":
+            r["content"] = b"hello"
+            r["headers"] = {"content-type": "text/plain"}
+        elif kind == "garbage_image":
+            r["files"] = [("file", ("x.png", os.urandom(200), "image/png"))]
+        elif kind == "garbage_json":
+            r["content"] = b"{not json" + os.urandom(20)
+            r["headers"] = {"content-type": "application/json"}
+        elif kind == "wrong_shape":
+            r["json"] = {"inputs": [[1.0, 2.0, 3.0]]}
+        elif kind == "nan":
+            r["content"] = json.dumps({"inputs": [sample]}).replace("0.", "NaN", 1).encode()
+            r["headers"] = {"content-type": "application/json"}
+        elif kind == "unknown_task":
+            r["path"] = "/tasks/999/predict"
+            r["json"] = {"inputs": [sample]}
+        reqs.append(r)
+    return reqs
+
+
+async def _fire(base: str, reqs: list[dict], concurrency: int) -> list[dict]:
+    import httpx
+
+    results: list[dict] = [None] * len(reqs)  # type: ignore[list-item]
+    queue: asyncio.Queue = asyncio.Queue()
+    for i in range(len(reqs)):
+        queue.put_nowait(i)
+
+    async def worker(client):
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            r = reqs[i]
+            t0 = time.perf_counter()
+            try:
+                resp = await asyncio.wait_for(client.post(base + r["path"], files=r.get("files"), json=r.get("json"),
+                                                          content=r.get("content"), headers=r.get("headers")), 30)
+                status, body = resp.status_code, resp.content
+            except asyncio.TimeoutError:
+                status, body = -2, b"client gave up after 30 s"
+            except httpx.HTTPError as e:
+                status, body = -1, f"{type(e).__name__}: {e}".encode()
+            results[i] = {"kind": r["kind"], "valid": r["valid"], "status": status,
+                          "ms": (time.perf_counter() - t0) * 1000, "body": body[:300]}
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    return results
+
+
+def run_load(export_dir: Path, *, requests: int = 2000, concurrency: int = 32, seed: int = 0) -> dict:
+    """Start the server on ``export_dir``, send the mix, stop the server; returns the measurements."""
+    import httpx
+
+    sidecar = json.loads(next(Path(export_dir).glob("task-*.json")).read_text())
+    shape = tuple(sidecar["input_spec"]["shape"])
+    tasks = [json.loads(p.read_text())["task"] for p in sorted(Path(export_dir).glob("task-*.json"))]
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    log = tempfile.TemporaryFile()  # not a pipe: an unread pipe fills up with access-log lines and blocks the server
+    server = subprocess.Popen([sys.executable, "-m", "anpyc.cli", "serve", str(export_dir), "--port", str(port),
+                               "--threads", "1"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(base + "/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"server did not start: {log.read().decode()[-2000:]}")
+            time.sleep(0.2)
+        reqs = make_requests(requests, shape, tasks, seed)
+        warm = min(200, requests // 10)
+        t0 = time.perf_counter()
+        first = asyncio.run(_fire(base, reqs[:warm], concurrency))
+        rss_warm = _rss_kb(server.pid)
+        rest = asyncio.run(_fire(base, reqs[warm:], concurrency))
+        wall = time.perf_counter() - t0
+        rss_end = _rss_kb(server.pid)
+        health = httpx.get(base + "/health", timeout=5.0).status_code
+        alive = server.poll() is None
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.seek(0)
+        err = log.read()
+        log.close()
+    results = first + rest
+    valid = [r for r in results if r["valid"]]
+    bad = [r for r in results if not r["valid"]]
+    failed_valid = [r for r in valid if r["status"] != 200 or b"predictions" not in r["body"]]
+    not_4xx = [r for r in bad if not 400 <= r["status"] < 500]
+    lat = np.array([r["ms"] for r in valid]) if valid else np.zeros(1)
+    by_kind: dict[str, dict] = {}
+    for r in results:
+        k = by_kind.setdefault(r["kind"], {"n": 0, "statuses": {}})
+        k["n"] += 1
+        k["statuses"][str(r["status"])] = k["statuses"].get(str(r["status"]), 0) + 1
+    err_text = err.decode(errors="replace")
+    return {
+        "requests": len(results), "concurrency": concurrency, "valid": len(valid), "malformed": len(bad),
+        "failed_valid": len(failed_valid), "malformed_not_4xx": len(not_4xx),
+        "server_alive": alive and health == 200, "server_500s": sum(r["status"] >= 500 for r in results),
+        "tracebacks_logged": err_text.count("Traceback"),
+        "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+        "throughput_rps": len(results) / wall, "wall_s": wall,
+        "rss_warm_mb": rss_warm / 1024, "rss_end_mb": rss_end / 1024, "by_kind": by_kind,
+        "examples_not_4xx": [{k: str(v) for k, v in r.items()} for r in not_4xx[:3]],
+        "examples_failed_valid": [{k: str(v) for k, v in r.items()} for r in failed_valid[:3]],
+    }
+
+
+def write_section(res: dict, command: str) -> None:
+    rows = "\n".join(f"| {k} | {v['n']} | {', '.join(f'{s}: {c}' for s, c in sorted(v['statuses'].items()))} |"
+                     for k, v in sorted(res["by_kind"].items()))
+    text = f"""<!-- serve:begin -->
+## Serving under load
+
+`{command}`
+
+{res['requests']} requests, {res['concurrency']} concurrent clients, one `anpyc serve` process (uvicorn, onnxruntime
+1 intra-op thread), test_resnet task models on 1x32x32 digits, on this shared 2-core CPU machine.
+
+| measure | value |
+|---|---|
+| valid requests failed | {res['failed_valid']} of {res['valid']} |
+| malformed requests not answered 4xx | {res['malformed_not_4xx']} of {res['malformed']} |
+| server healthy at the end / 5xx answers | {res['server_alive']} / {res['server_500s']} |
+| latency of valid requests, p50 / p99 | {res['p50_ms']:.1f} ms / {res['p99_ms']:.1f} ms |
+| throughput (all requests) | {res['throughput_rps']:.0f} req/s |
+| server RSS after warm-up / at the end | {res['rss_warm_mb']:.1f} MB / {res['rss_end_mb']:.1f} MB |
+
+| request kind | count | status codes |
+|---|---|---|
+{rows}
+<!-- serve:end -->"""
+    path = ROOT / "BENCHMARKS.md"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if "<!-- serve:begin -->" in current:
+        head, rest = current.split("<!-- serve:begin -->", 1)
+        current = head + text + rest.split("<!-- serve:end -->", 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + text + "\n"
+    from anpyc.io import atomic_write_bytes
+
+    atomic_write_bytes(path, current.encode())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--export", type=Path, default=None, help="serve this export dir instead of building one")
+    ap.add_argument("--write", action="store_true", help="write the results into BENCHMARKS.md")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        export = args.export or build_export(Path(tmp) / "export")
+        res = run_load(export, requests=args.requests, concurrency=args.concurrency)
+    print(json.dumps(res, indent=2))
+    if args.write:
+        write_section(res, "python benchmarks/serve_load.py --requests "
+                           f"{args.requests} --concurrency {args.concurrency} --write")
+    ok = (res["failed_valid"] == 0 and res["malformed_not_4xx"] == 0 and res["server_alive"])
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
