@@ -30,7 +30,7 @@ from . import __version__
 from .config import LearnerConfig, from_dict, method_config, to_dict
 from .consolidation import create_consolidation
 from .dist import DistContext, context
-from .errors import ConfigError, DataError, ModelError, RunDirError, StateFileError
+from .errors import ConfigError, DataError, ModelError, RunDirError, StateFileError, TrainingDiverged
 from .flops import count_flops
 from .importance import create_importance
 from .io import append_jsonl, atomic_write_json, load_tensors, read_json, save_tensors
@@ -615,8 +615,8 @@ class ContinualLearner:
             return
         for n, p in self.trunk.named_parameters():
             if not bool(torch.isfinite(p).all()):
-                raise StateFileError(f"parameter {n} is not finite; refusing to save it over the last good state",
-                                     "lower the learning rate and resume")
+                raise TrainingDiverged(f"parameter {n} is not finite; the last good state is kept",
+                                       "lower the learning rate (--lr) and start again or resume")
         trunk_tensors = {n: p.detach() for n, p in self.trunk.named_parameters()}
         stat_keys = set(self.init_stats)
         trunk_tensors.update({n: b.detach() for n, b in self.trunk.named_buffers() if n not in stat_keys})

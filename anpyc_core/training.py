@@ -106,14 +106,18 @@ def train_epoch(
     for batch, weight in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         logits = forward(x, batch)
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
+            from .errors import DataError
+
+            raise DataError(f"a training label is outside the task's class range 0..{logits.shape[1] - 1} "
+                            f"(got {int(y.min())}..{int(y.max())})", "labels must index the task's classes")
         loss = F.cross_entropy(logits, y)
         pen = consolidation.penalty(params)
         full = loss * weight if weight != 1.0 else loss
         full = full + pen if pen is not None else full
         if not torch.isfinite(full):
-            raise TrainingDiverged(f"the loss became {float(full)} (not finite) at batch {n}",
-                                   "lower the learning rate (--lr) or the consolidation strength; the last good "
-                                   "state is kept in the run directory")
+            raise TrainingDiverged(f"the loss became {float(full.detach())} (not finite) at batch {n}; the last good state is "
+                                   "kept", "lower the learning rate (--lr) or the consolidation strength")
         optimizer.zero_grad(set_to_none=True)
         full.backward()
         tracker.after_backward(params)
