@@ -71,6 +71,6 @@ def test_check_reports_ok_and_not_ok(stand_in_checker):
 @pytest.mark.skipif(importlib.util.find_spec("anpyc.export.check") is None,
                     reason="WAITING: anpyc.export.check (the coverage checker) is not in the tree yet")
 def test_check_with_the_real_checker(tmp_path):
-    r = invoke("check", "test_resnet", "--out", tmp_path / "check")
+    r = invoke("check", "test_resnet", "--out", tmp_path / "check", "--steps", "1", "--threads", "1")
     assert r.exit_code == 0, r.output
     assert "OK: test_resnet" in " ".join(r.stdout.split())
