@@ -172,7 +172,8 @@ def test_train_user_errors(trained, tmp_path):
                       "does not take colour")
     assert_user_error(invoke("train", "--model", "test_resnet", *SYNTH, "--tasks", "9", "--out", out),
                       "--tasks 9", "1..3")
-    assert_user_error(invoke("train", "--model", "mlp", *SYNTH, "--out", out, "--device", "gpu"), "unknown device 'gpu'")
+    assert_user_error(invoke("train", "--model", "mlp", *SYNTH, "--out", out, "--device", "gpu"),
+                      "unknown device 'gpu'")
     import torch
 
     if not torch.cuda.is_available():

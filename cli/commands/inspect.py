@@ -132,8 +132,8 @@ def command(
             table.add_column(str(r["id"]), justify="right")
         table.add_column("free", justify="right")
         for g in per_group:
-            table.add_row(Text(g["name"]), Text(g["kind"]), f"{g['size']:,}", *(f"{g['owned'][r['id']]:,}" for r in records),
-                          f"{g['free']:,}")
+            table.add_row(Text(g["name"]), Text(g["kind"]), f"{g['size']:,}",
+                          *(f"{g['owned'][r['id']]:,}" for r in records), f"{g['free']:,}")
         table.add_row(Text("total", style="bold"), "", f"{n_units:,}",
                       *(Text(f"{owned_now[r['id']]:,}", style="bold") for r in records),
                       Text(f"{free:,}", style="bold"))
