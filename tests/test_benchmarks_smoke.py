@@ -1,0 +1,96 @@
+"""The benchmark scripts run end to end on tiny settings (--quick) and write tables whose numbers make sense."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    sys.path.insert(0, str(BENCH))
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rows(markdown: str, section: str) -> dict[str, list[str]]:
+    """First table cell -> cells, for every table row inside ``section``'s markers."""
+    body = markdown.split(f"<!-- {section}:begin -->")[1].split(f"<!-- {section}:end -->")[0]
+    rows = {}
+    for line in body.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.setdefault(cells[0], cells)
+    return rows
+
+
+def _num(cell: str) -> float:
+    return float(re.match(r"[+-]?\d+(\.\d+)?", cell).group(0))
+
+
+def test_forgetting_quick_writes_its_table(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    forgetting = _load("forgetting")
+    methods = ["anpyc", "paper", "finetune", "packnet", "ewc", "joint"]
+    assert forgetting.main(["--quick", "--seeds", "0", "--suites", "permuted10", "--methods", ",".join(methods),
+                            "--out", str(out), "--threads", "1"]) == 0
+    text = out.read_text()
+    assert "<!-- other:begin -->\nkept\n<!-- other:end -->" in text  # other sections untouched
+    assert "python benchmarks/forgetting.py --quick --suites permuted10 --seeds 0 --threads 1 --methods" in text
+    rows = _rows(text, "forgetting")
+    for m in methods:
+        acc, bwt, cap = _num(rows[m][2]), _num(rows[m][3]), _num(rows[m][5])
+        assert 0.0 < acc <= 100.0 and 0.0 < cap <= 100.0, rows[m]
+    # hard ownership: earlier tasks cannot move
+    assert _num(rows["anpyc"][3]) == 0.0 and _num(rows["packnet"][3]) == 0.0
+    assert _num(rows["finetune"][5]) == 100.0 and _num(rows["anpyc"][5]) < 100.0
+    doc = json.loads((tmp_path / "benchmarks/results/forgetting_permuted10_quick.json").read_text())
+    run = doc["rows"]["anpyc"][0]
+    assert len(run["accuracy_matrix"]) == 3 and len(run["val_accuracy_matrix"][-1]) == 3
+    assert run["test_acc_curve"][-1] == pytest.approx(run["acc"])
+    assert (tmp_path / "benchmarks/results/acc_vs_tasks_permuted10_quick.png").stat().st_size > 10_000
+
+
+def test_forgetting_quick_search_and_cnn_suite(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    forgetting = _load("forgetting")
+    assert forgetting.main(["--quick", "--seeds", "0", "--suites", "permuted10", "--search", "--methods", "packnet",
+                            "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
+    assert forgetting.main(["--quick", "--seeds", "0", "--suites", "split-digits", "--methods", "anpyc",
+                            "--out", str(out)]) == 0
+    text = out.read_text()
+    search = [line for line in text.splitlines() if line.startswith("| packnet | `prune.first_ratio=")]
+    assert len(search) == len(forgetting.grid(forgetting.SEARCH["permuted10"]["packnet"]))
+    assert sum("**winner**" in line for line in search) == 1
+    rows = _rows(text, "forgetting")
+    assert rows["anpyc"][1] == "test_resnet" and _num(rows["anpyc"][3]) == 0.0
+    assert len(list((tmp_path / "cache" / "permuted10").glob("packnet-s0-*.json"))) == len(search)
+
+
+def test_overhead_quick_writes_its_table(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    overhead = _load("overhead")
+    assert overhead.main(["--quick", "--models", "mlp", "--out", str(out), "--threads", "1"]) == 0
+    text = out.read_text()
+    assert "python benchmarks/overhead.py --quick --models mlp" in text
+    rows = _rows(text, "overhead")
+    for v in ("plain", "finetune", "anpyc", "anpyc-soft", "paper"):
+        ms, ratio = _num(rows[v][1]), _num(rows[v][2])
+        assert ms > 0 and ratio > 0, rows[v]
+    assert _num(rows["plain"][2]) == 1.0
+    doc = json.loads((tmp_path / "benchmarks/results/overhead_quick.json").read_text())
+    masks = doc["models"]["mlp"]["masks"]
+    assert masks["anpyc"]["owner_bytes"] == masks["anpyc"]["units"]  # one byte per unit for every task together
+    paper = masks["paper"]["files"][1]
+    assert 1.0 <= paper["per_unit"] < 1.1  # element masks: one byte per weight element plus a small header
+    assert 0 < doc["models"]["mlp"]["importance"]["ratio"]
