@@ -11,7 +11,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .layers import has_resync_rule, resync
+from .layers import HEAD_COUNT_ATTRS, has_resync_rule, resync
 from .units import Structure
 
 __all__ = ["slice_trunk", "kept_positions"]
@@ -29,6 +29,8 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
     active = active.bool().cpu()
     touched: dict[str, nn.Module] = {}
     resized: dict[str, dict[int, set[int]]] = {}  # module -> old size -> new sizes of its sliced dimensions
+    for_parents: dict[str, dict[int, set[int]]] = {}  # the same, from groups that also update parents
+    syncing = torch.tensor([g.sync_parents for g in structure.groups] + [False], dtype=torch.bool)
     for tensor_name, dims in structure.tensor_units.items():
         owner, _, attr = tensor_name.rpartition(".")
         module = model.get_submodule(owner)
@@ -36,7 +38,11 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         new = old.detach()
         for dim, ids in sorted(dims.items()):
             new = new.index_select(dim, kept_positions(ids, active).to(new.device))
-            resized.setdefault(owner, {}).setdefault(int(old.shape[dim]), set()).add(int(new.shape[dim]))
+            change = (int(old.shape[dim]), int(new.shape[dim]))
+            resized.setdefault(owner, {}).setdefault(change[0], set()).add(change[1])
+            groups = structure.unit_group[ids[ids >= 0]] if bool((ids >= 0).any()) else torch.zeros(0, dtype=torch.long)
+            if groups.numel() and bool(syncing[groups].all()):
+                for_parents.setdefault(owner, {}).setdefault(change[0], set()).add(change[1])
         new = new.contiguous().clone()
         if isinstance(old, nn.Parameter):
             setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
@@ -48,6 +54,21 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         resync(module)
         if not has_resync_rule(module) and owner not in sites:  # attention modules: their head attributes below
             _sync_static_sizes(module, resized.get(owner, {}))
+    # a parent that stores its children's width (``self.embed_dim`` used to split a fused projection) follows it
+    inherited: dict[str, dict[int, set[int]]] = {}
+    for owner, sizes in for_parents.items():
+        parent = owner
+        for _ in range(2):
+            if not parent:
+                break
+            parent = parent.rpartition(".")[0]
+            for old, new in sizes.items():
+                inherited.setdefault(parent, {}).setdefault(old, set()).update(new)
+    for name, sizes in inherited.items():
+        if name and name not in touched and name not in sites:
+            module = model.get_submodule(name)
+            if not has_resync_rule(module):
+                _sync_static_sizes(module, sizes)
     for group in structure.groups:
         kept = int(active[group.offset: group.offset + group.size].sum())
         for site in group.attention:
@@ -69,7 +90,7 @@ def _sync_static_sizes(module: nn.Module, resized: dict[int, set[int]]) -> None:
     if not changes:
         return
     for attr, value in list(vars(module).items()):
-        if attr.startswith("_") or isinstance(value, bool):
+        if attr.startswith("_") or isinstance(value, bool) or attr in HEAD_COUNT_ATTRS:
             continue
         if isinstance(value, int) and value in changes:
             setattr(module, attr, changes[value])

@@ -263,6 +263,14 @@ def _reshape_mapping(graph, node) -> None:
             channels = si.infer_out_channels_recursively(graph, node.inputs[0], [0])
         except Exception:
             channels = None
+    if (channels and in_shape[1] == channels and in_shape[-1] != channels and len(out_shape) == len(in_shape) + 1
+            and out_shape[1] > 1 and out_shape[2] > 1 and out_shape[1] * out_shape[2] == channels
+            and out_shape[3:] == in_shape[2:]):
+        # channels-first split (B, k*C, ...) -> (B, k, C, ...) (selective-kernel attention over k paths): the
+        # channel index of the result is the one within C, so position j of the input is channel j % C
+        _set_reshape_mapping(node, _LastDimMerge(out_shape[2], out_shape[1], reverse=False),
+                             _LastDimMerge(out_shape[2], out_shape[1], reverse=True))
+        return None
     if not channels or in_shape[-1] != channels or in_shape[1] == channels:
         return im.update_reshape_index_mapping(graph, node)
     last = out_shape[-1] if out_shape else None
@@ -275,14 +283,20 @@ def _reshape_mapping(graph, node) -> None:
     if merged != last:
         return None
     factor = last // channels
+    _set_reshape_mapping(node, _LastDimMerge(channels, factor, reverse=True),
+                         _LastDimMerge(channels, factor, reverse=False))
+    return None
+
+
+def _set_reshape_mapping(node, to_input, from_input) -> None:
+    """``to_input`` maps the reshape's channels back to its input's; ``from_input`` the other way."""
     in_node = node.inputs[0]
     for dep in node.dependencies:
         if dep.target is in_node:
-            dep.index_mapping[0] = _LastDimMerge(channels, factor, reverse=True)
+            dep.index_mapping[0] = to_input
     for dep in in_node.dependencies:
         if dep.target is node:
-            dep.index_mapping[0] = _LastDimMerge(channels, factor, reverse=False)
-    return None
+            dep.index_mapping[0] = from_input
 
 
 def _is_node_input(node, grad_fn) -> bool:

@@ -25,7 +25,7 @@ from .layers import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS, norm_kind, slices_for
 from .trace import PROBE, RawGroup
 
 __all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "build_structure", "Rejected",
-           "HEAD_MODES"]
+           "HEAD_MODES", "PARENTS_SUFFIX", "attention_owners"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ class UnitGroup:
     feature_positions: tuple[int, ...] = ()
     feature_units: tuple[int, ...] = ()
     unit_cost: torch.Tensor | None = None  # parameter elements touched by each unit
+    sync_parents: bool = False  # parents of the sliced modules re-derive static widths too (kind ends "+parents")
 
     @property
     def members(self) -> list[str]:
@@ -174,7 +175,11 @@ class Structure:
 
 # ================================================================================================ building
 
-HEAD_MODES = ("heads", "heads-major", "off")  # how an attention module's heads are laid out; "off" = channels
+# How an attention module's heads are formed, tried in this order: every traced group inside the module as heads
+# (standard then head-major layout), then only its core (the groups feeding the projection out of the module, plus
+# groups that index heads themselves, e.g. talking-heads mixers), then "off": plain channels.
+HEAD_MODES = ("heads", "heads-major", "heads-core", "heads-core-major", "off")
+PARENTS_SUFFIX = "+parents"
 
 
 class _UnionFind:
@@ -256,6 +261,7 @@ class _Touch:
     origin: str  # the module the slice belongs to
     bare: bool  # a bare parameter traced by Torch-Pruning (its channel dim is a guess)
     norm: bool  # a parameter of a module that normalises across channels
+    direction: str = "param"  # "out"/"in" side of the module (modules), "param" for bare parameters
 
 
 @dataclass
@@ -294,7 +300,8 @@ def _prepare(rg: RawGroup, modules: dict, shapes: dict, stat_modules: frozenset[
         is_norm = norm_kind(mod) == "channel" or item.target in stat_modules
         for t in rule_touches:
             p.touches.append(_Touch(f"{item.target}.{t.attr}" if item.target else t.attr, t.dim, list(t.positions),
-                                    [item.roots[i] for i in t.sources()], item.target, False, is_norm))
+                                    [item.roots[i] for i in t.sources()], item.target, False, is_norm,
+                                    item.direction))
         if is_norm:
             size = getattr(mod, "num_channels", None) or _norm_size(mod, shapes, item.target)
             p.norms.append((item.target, item.positions, item.roots, size))
@@ -325,7 +332,7 @@ def _norm_size(mod: nn.Module, shapes: dict, name: str) -> int | None:
 def build_structure(
     trunk: nn.Module, raw: list[RawGroup], num_features: int, model_name: str, *,
     no_heads: frozenset[str] = frozenset(), head_modes: dict[str, str] | None = None,
-    stat_modules: frozenset[str] = frozenset(),
+    stat_modules: frozenset[str] = frozenset(), parent_sync: frozenset[str] = frozenset(),
 ) -> Structure:
     """Refine traced groups into unit groups (applying stripe/head constraints); unusable groups are rejected.
 
@@ -335,6 +342,9 @@ def build_structure(
     relative position bias table) follow their head. ``head_modes`` picks the layout per attention module
     (:data:`HEAD_MODES`; "off" keeps plain channels); groups named in ``no_heads`` never become heads.
     ``stat_modules`` are modules found to compute statistics across channels (they get masked statistics).
+    Channel groups named in ``parent_sync`` also update static widths stored on the parents of the modules they
+    slice (``self.in_channels`` used in ``x[:, :self.in_channels]``); the walk turns this on for a group that
+    fails without it, since a parent's attribute may as well hold an unrelated size that happens to be equal.
     """
     modules = dict(trunk.named_modules())
     shapes = {n: tuple(t.shape) for n, t in list(trunk.named_parameters()) + list(trunk.named_buffers())}
@@ -362,8 +372,13 @@ def build_structure(
         if modes.get(a_name, "heads") == "off" or not _heads_fit(p, attn[a_name], shapes):
             continue
         by_module.setdefault(a_name, []).append(p)
+    for a_name, members in list(by_module.items()):
+        if modes.get(a_name, "heads").startswith("heads-core"):
+            by_module[a_name] = _core_members(a_name, members, prepared, attn, modules, shapes)
     as_heads = {id(p) for members in by_module.values() for p in members}
     for a_name, members in by_module.items():
+        if not members:
+            continue
         try:
             g = _heads_group(trunk, a_name, attn[a_name], members, shapes, modes.get(a_name, "heads"),
                              {id(q) for q in prepared} - {id(m) for m in members}, prepared)
@@ -383,7 +398,10 @@ def build_structure(
             rejected.append(Rejected(name, p.reason or p.trace_reason))
             continue
         try:
-            groups.append(_channel_group(p, modules, shapes))
+            g = _channel_group(p, modules, shapes)
+            if name in parent_sync:
+                g.kind, g.sync_parents = f"{g.kind}{PARENTS_SUFFIX}", True
+            groups.append(g)
         except Exception as e:
             rejected.append(Rejected(name, f"cannot build the group ({type(e).__name__}: {e})"[:300]))
 
@@ -401,6 +419,43 @@ def build_structure(
         groups = [g for g in groups if g.name not in conflicts]
         rejected += [Rejected(n, "shares a tensor dimension with another group") for n in sorted(conflicts)]
     return Structure(groups, rejected, shapes, num_features, model_name)
+
+
+def attention_owners(trunk: nn.Module, raw: list[RawGroup]) -> dict[str, str]:
+    """Root name -> the attention module a traced group lies in (for groups that could become heads)."""
+    modules = dict(trunk.named_modules())
+    shapes = {n: tuple(t.shape) for n, t in list(trunk.named_parameters()) + list(trunk.named_buffers())}
+    attn = _attention_modules(trunk)
+    out = {}
+    for rg in raw:
+        try:
+            p = _prepare(rg, modules, shapes, frozenset())
+        except Exception:
+            continue
+        owners = {_owner(t.origin, attn) for t in p.touches} | {_owner(n[0], attn) for n in p.norms}
+        if len(owners) == 1 and None not in owners:
+            out[rg.root] = owners.pop()
+    return out
+
+
+def _core_members(a_name: str, members: list[_Prepared], prepared: list[_Prepared], attn: dict, modules: dict,
+                  shapes: dict) -> list[_Prepared]:
+    """The groups that must be cut by head: those feeding a layer whose output leaves the attention module (the
+    output projection reads every head), and those whose tensors are indexed by head only (talking-heads
+    mixers); other groups inside the module (a spatial-reduction conv, ...) stay channels."""
+    linear_like = (nn.modules.conv._ConvNd, nn.Linear)
+    heads = attn[a_name].heads
+    exits = set()
+    for q in prepared:
+        if not any(_owner(t.origin, attn) != a_name for t in q.touches):
+            continue
+        for t in q.touches:
+            if t.direction == "out" and _owner(t.origin, attn) == a_name and isinstance(modules.get(t.origin),
+                                                                                      linear_like):
+                exits.add(t.origin)
+    return [p for p in members
+            if any(t.direction == "in" and t.origin in exits for t in p.touches)
+            or all(shapes[t.tensor][t.dim] == heads for t in p.touches if not t.norm)]
 
 
 def _heads_fit(p: _Prepared, a: _Attention, shapes: dict) -> bool:
@@ -463,7 +518,7 @@ def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Pr
     head_dim = a.head_dim or min(widths) // heads
     slices, cost = [], torch.zeros(heads)
     for (tensor, dim), size in sorted(dims.items()):
-        units = tuple(_head_of(q, size, heads, head_dim, major=mode == "heads-major") for q in range(size))
+        units = tuple(_head_of(q, size, heads, head_dim, major=mode.endswith("major")) for q in range(size))
         slices.append(TensorSlice(tensor, dim, tuple(range(size)), units))
         per_pos = 1
         for i, v in enumerate(shapes[tensor]):
@@ -473,9 +528,9 @@ def _heads_group(trunk: nn.Module, a_name: str, a: _Attention, members: list[_Pr
     norm_sites = []
     for origin, size in norm_dims.items():
         if size in widths:
-            units = tuple(_head_of(q, size, heads, head_dim, major=mode == "heads-major") for q in range(size))
+            units = tuple(_head_of(q, size, heads, head_dim, major=mode.endswith("major")) for q in range(size))
             norm_sites.append(NormSite(origin, tuple(range(size)), units, size))
-    kind = "heads" if mode == "heads" else mode
+    kind = mode
     # static widths of the heads (``self.val_attn_dim = num_heads * val_dim``): int attributes equal to a width
     ints = _int_attrs(trunk.get_submodule(a_name))
     width_attrs = tuple(sorted(set(a.widths) | {k for k, v in ints.items() if k not in a.counts and v in widths

@@ -20,7 +20,7 @@ from ..errors import ModelError
 from .layers import norm_kind
 from .slicing import kept_positions, slice_trunk
 from .trace import trace_groups
-from .units import HEAD_MODES, Rejected, Structure, build_structure
+from .units import HEAD_MODES, PARENTS_SUFFIX, Rejected, Structure, attention_owners, build_structure
 
 __all__ = ["walk", "verify_groups", "randomize_norms", "feature_count", "ParityReport", "channel_stat_modules"]
 
@@ -229,14 +229,13 @@ def _next_mode(mode: str) -> str:
     return HEAD_MODES[min(i + 1, len(HEAD_MODES) - 1)]
 
 
-def _modes_from_layout(trunk, raw, nf, name, layout: list[dict], stats: frozenset[str]) -> dict[str, str]:
+def _modes_from_layout(trunk, raw, layout: list[dict]) -> dict[str, str]:
     """The head layout of every attention module, as recorded by the kinds of a saved layout's groups."""
-    probe = build_structure(trunk, raw, nf, name, stat_modules=stats)
-    site_of = {g.name: g.attention[0].module for g in probe.groups if g.attention}
-    modes = {a.module: "off" for g in probe.groups for a in g.attention}
+    owner = attention_owners(trunk, raw)
+    modes = {a: "off" for a in set(owner.values())}
     for g in layout:
-        if str(g["kind"]).startswith("heads") and g["name"] in site_of:
-            modes[site_of[g["name"]]] = g["kind"]
+        if str(g["kind"]).startswith("heads") and g["name"] in owner:
+            modes[owner[g["name"]]] = g["kind"]
     return modes
 
 
@@ -263,8 +262,9 @@ def walk(
     raw = trace_groups(trunk, example, nf)
     stats = channel_stat_modules(trunk, example)
     if layout is not None:
-        modes = _modes_from_layout(trunk, raw, nf, name, layout, stats)
-        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats)
+        modes = _modes_from_layout(trunk, raw, layout)
+        synced = frozenset(g["name"] for g in layout if str(g["kind"]).endswith(PARENTS_SUFFIX))
+        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats, parent_sync=synced)
         wanted = {g["name"] for g in layout}
         structure = structure.without({g.name: "not in the saved layout" for g in structure.groups
                                        if g.name not in wanted})
@@ -276,9 +276,12 @@ def walk(
     modes: dict[str, str] = {}
     head_failures: dict[str, str] = {}
     dropped: dict[str, str] = {}
+    synced: set[str] = set()
+    first_failure: dict[str, str] = {}
     structure = None
-    for attempt in range(8):
-        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats)
+    for attempt in range(12):
+        structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats,
+                                    parent_sync=frozenset(synced))
         dropped.update({g.name: "a single unit" for g in structure.groups if g.size < 2})
         structure = structure.without(dropped)
         if not verify:
@@ -293,8 +296,12 @@ def walk(
                 a = g.attention[0].module  # heads that cannot be removed may still be prunable another way
                 modes[a] = _next_mode(modes.get(a, "heads"))
                 head_failures[a] = why
+            elif n not in synced:
+                synced.add(n)  # a parent module may store the width it slices; retry updating it
+                first_failure[n] = why
             else:
-                dropped[n] = f"failed parity: {why}"
+                first = first_failure.get(n, why)
+                dropped[n] = f"failed parity: {first}" + (f" (also with parent widths: {why})" if why != first else "")
     return _annotate(structure.without({g.name: "failed parity" for g in structure.groups}), head_failures)
 
 
