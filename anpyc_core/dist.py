@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-__all__ = ["DistContext", "context"]
+__all__ = ["DistContext", "context", "check_device"]
+
+from .errors import ConfigError
 
 
 @dataclass
@@ -79,3 +81,21 @@ def context(device: str = "cpu") -> DistContext:
     _CONTEXT = DistContext(rank=tdist.get_rank(), world_size=tdist.get_world_size(), local_rank=local,
                            backend=backend)
     return _CONTEXT
+
+
+def check_device(device: str) -> None:
+    """A device torch can use here; otherwise a one-line ConfigError instead of a late traceback."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} was asked for, but torch sees no CUDA GPU here",
+                          "use --device cpu (config: device = 'cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))", "use cuda:0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' was asked for, but torch sees no Apple GPU here",
+                          "use --device cpu (config: device = 'cpu')")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {device!r} is not supported", "use cpu, cuda, cuda:N or mps")

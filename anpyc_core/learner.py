@@ -29,7 +29,7 @@ from torch.utils.data import ConcatDataset, Dataset
 from . import __version__
 from .config import LearnerConfig, from_dict, method_config, to_dict
 from .consolidation import create_consolidation
-from .dist import DistContext, context
+from .dist import DistContext, check_device, context
 from .errors import ConfigError, DataError, ModelError, RunDirError, StateFileError, TrainingDiverged
 from .flops import count_flops
 from .importance import create_importance
@@ -117,6 +117,7 @@ class ContinualLearner:
                               "pass one of them")
         self.config = config
         self.callbacks = list(callbacks)
+        check_device(config.device)
         self.ctx: DistContext = context(config.device)
         self.device = self.ctx.device(config.device)
         if config.threads:
@@ -649,10 +650,22 @@ class ContinualLearner:
         self.run.commit(write, self._manifest())
 
     @classmethod
-    def resume(cls, out_dir: str | Path, model: nn.Module | None = None, *, callbacks: Iterable[Callback] = (),
-               config_overrides: dict | None = None) -> "ContinualLearner":
-        """Reopen a run directory and continue where it stopped (the same task stream must be passed again)."""
+    def resume(cls, out_dir: str | Path, model: nn.Module | None = None, *, callbacks: Iterable[Callback] = ()
+               ) -> "ContinualLearner":
+        """Reopen a run directory and continue where it stopped with the configuration it recorded (the same
+        task stream must be passed again; learned tasks are skipped)."""
         return cls._open(out_dir, model, callbacks=callbacks, lock=True)
+
+    def close(self) -> None:
+        """Release the run directory's lock (also done when the learner is garbage-collected)."""
+        if self.run is not None:
+            self.run.close()
+
+    def __enter__(self) -> "ContinualLearner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def load(cls, out_dir: str | Path, model: nn.Module | None = None) -> "ContinualLearner":

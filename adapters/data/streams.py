@@ -49,6 +49,9 @@ def make_stream(name: str, **kwargs: Any) -> TaskStream:
         raise ConfigError(
             f"stream {name!r} does not take {', '.join(unknown)}", f"valid options: {', '.join(params) or 'none'}"
         )
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise ConfigError(f"stream {name!r} needs {', '.join(missing)}", f"pass {missing[0]}=...")
     return builder(**kwargs)
 
 

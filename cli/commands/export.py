@@ -13,7 +13,7 @@ def command(
     task: Annotated[Optional[int], typer.Option("--task", help="Export only this task id.")] = None,
     all_tasks: Annotated[bool, typer.Option("--all", help="Export every learned task (the default).")] = False,
     out: Annotated[
-        Optional[Path], typer.Option("--out", file_okay=False, help="Output folder [default: RUN/export].")
+        Optional[Path], typer.Option("--out", file_okay=False, help="Output folder \\[default: RUN/export].")
     ] = None,
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset [default: the exporter's].")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 models (task-NNN.int8.onnx).")] = False,

@@ -41,28 +41,6 @@ def _positive(value: Optional[int], flag: str) -> None:
         raise typer.BadParameter(f"must be >= 1, got {value}", param_hint=flag)
 
 
-def _check_device(device: str) -> None:
-    """A device this machine has (the core passes the string to torch, which fails late with a traceback)."""
-    import torch
-
-    from anpyc.errors import ConfigError
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r} was asked for, but torch sees no CUDA GPU here", "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {device!r} does not exist ({torch.cuda.device_count()} GPU(s))",
-                              f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' was asked for, but torch sees no Apple GPU here", "use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {device!r} is not supported", "use cpu, cuda, cuda:N or mps")
-
-
 def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Split a config file into (model part, data part, learner overrides)."""
     from anpyc.errors import ConfigError
@@ -189,7 +167,9 @@ def command(
     if not isinstance(preset, str):
         raise ConfigError(f"config key 'method' must be a string, got {preset!r}", 'write method = "anpyc"')
     config = method_config(preset, **dotted)  # ConfigError (exit 2) names an unknown key or a wrong type
-    _check_device(config.device)
+    from anpyc.dist import check_device
+
+    check_device(config.device)
     if not is_known(name):
         create_backbone(name)  # neither timm nor registered: raises ModelError naming close matches
     src = resolve_source(source, options=stream_opts, tasks=n_tasks, base=None if data else file_data.get("base"))
