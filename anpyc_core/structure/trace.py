@@ -118,9 +118,11 @@ def _guarded_index_mapping(problems: dict[int, str]):
                     problems[id(node)] = f"split sizes unknown ({type(e).__name__})"
 
     def update(graph) -> None:
-        passes = {"CONCAT": _concat_mapping, "SPLIT": im.update_split_index_mapping,
+        passes = {"CONCAT": _concat_mapping, "SPLIT": _split_mapping,
                   "RESHAPE": _reshape_mapping, "UNBIND": im.update_unbind_index_mapping,
-                  "EXPAND": im.update_expand_index_mapping, "SLICE": _slice_mapping}
+                  "SLICE": _slice_mapping}
+        # EXPAND is left unmapped (channels pass through): TP maps only Hugging Face's grouped-query expand, and
+        # its reverse mapping drops the root channel, so every group through any 5-d expand would be lost
         for node in list(graph.module2node.values()):
             fn = passes.get(_optype(node))
             if fn is None:
@@ -198,6 +200,57 @@ def _concat_mapping(graph, node) -> None:
                 dep.index_mapping[1] = im._ConcatIndexMapping(offset=span, reverse=False)
                 used.append(dep)
                 break
+    return None
+
+
+def _split_mapping(graph, node) -> None:
+    """Split/chunk offsets from the real output shapes, each consumer matched to the output it reads.
+
+    TP sizes a split by counting its consumer nodes and gives them offsets in the order they were traced, which
+    goes wrong as soon as one split output feeds two layers (CSP stages: the second half feeds a block and its
+    residual add). Autograd records which output index every consumer reads. A split along a dim that is not the
+    producing layer's channel dim (tokens, heads) leaves channels in place, as in TP.
+    """
+    from torch_pruning.dependency import index_mapping as im
+    from torch_pruning.dependency import shape_infer as si
+
+    g = node.grad_fn
+    try:
+        outs = [list(m.shape) for m in g._input_metadata]
+        src = [(f, nr) for f, nr in g.next_functions if f is not None]
+        in_shape = list(src[0][0]._input_metadata[src[0][1]].shape)
+        dim = int(g._saved_dim) % len(in_shape)
+    except Exception:
+        return im.update_split_index_mapping(graph, node)
+    channels = None
+    for n in node.inputs:
+        try:
+            channels = si.infer_out_channels_recursively(graph, n, [0])
+        except Exception:
+            channels = None
+        if channels is not None:
+            break
+    if channels is not None and in_shape[dim] != channels:
+        return None
+    if channels is None and dim != 1:
+        return None
+    sizes = [int(o[dim]) for o in outs]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    node.module.split_sizes, node.module.offsets = sizes, offsets
+    for out_node in node.outputs:
+        reads = {nr for f, nr in getattr(out_node.grad_fn, "next_functions", ()) if f is g}
+        if len(reads) != 1:
+            raise ValueError(f"a consumer reads {len(reads)} outputs of one split")
+        i = reads.pop()
+        span = offsets[i: i + 2]
+        for dep in node.dependencies:
+            if dep.target is out_node:
+                dep.index_mapping[0] = im._SplitIndexMapping(offset=span, reverse=False)
+        for dep in out_node.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = im._SplitIndexMapping(offset=span, reverse=True)
     return None
 
 
