@@ -267,3 +267,34 @@ def test_resume_layout_rebuilds_same_units(walked):
     layout = [{"name": g.name, "kind": g.kind, "size": g.size} for g in s.groups]
     again = walk(trunk, x, layout=layout)
     assert again.fingerprint() == s.fingerprint()
+
+
+class _SplitTwice(nn.Module):
+    """One split output feeding both a conv and the residual add around it (a CSP stage in small)."""
+
+    def __init__(self):
+        super().__init__()
+        self.exp = nn.Conv2d(3, 16, 1)
+        self.blk = nn.Conv2d(8, 8, 3, padding=1)
+        self.out = nn.Conv2d(16, 12, 1)
+        self.num_features = 12
+
+    def forward(self, x):
+        a, b = self.exp(x).split(8, dim=1)
+        b = b + self.blk(torch.relu(b))
+        return self.out(torch.cat([a, b], 1)).mean((2, 3))
+
+
+def test_split_outputs_are_matched_to_their_consumers():
+    from anpyc.structure import trace_groups
+
+    torch.manual_seed(0)
+    raw = trace_groups(_SplitTwice().eval(), torch.randn(2, 3, 8, 8), 12)
+    group = next(g for g in raw if any(it.target == "blk" and it.direction == "out" for it in g.items))
+    assert group.problem is None
+    cls = {(it.target, it.direction): dict(zip(it.positions, it.roots, strict=True)) for it in group.items}
+    exp, blk, out = cls[("exp", "out")], cls[("blk", "out")], cls[("out", "in")]
+    # channel c of the second half of exp is channel c of blk's output and channel 8 + c of out's input
+    assert [exp[8 + c] for c in range(8)] == [blk[c] for c in range(8)] == [out[8 + c] for c in range(8)]
+    assert [exp[c] for c in range(8)] == [out[c] for c in range(8)]
+    assert len(set(exp.values())) == 16
