@@ -299,4 +299,4 @@ def test_split_outputs_are_matched_to_their_consumers():
     assert [exp[8 + c] for c in range(8)] == [blk_in[c] for c in range(8)] == [blk[c] for c in range(8)]
     assert [exp[8 + c] for c in range(8)] == [out[8 + c] for c in range(8)]
     assert [exp[c] for c in range(8)] == [out[c] for c in range(8)]
-    assert len(set(exp.values())) == 16
+    assert sorted(exp) == list(range(16)) and len(set(exp.values())) == 16
