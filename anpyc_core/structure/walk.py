@@ -4,8 +4,10 @@ Verification is what makes the walk general: for each group, a random subset of 
 the masked dense model and physically sliced away in a copy, and both must compute the same features (on a copy
 whose normalisation parameters were randomised, so that equality means something). Groups that fail — an
 operation the tracer misread, a module with static shapes the slicer cannot update — are found by bisection
-and either retried at a coarser granularity (plain channels instead of attention heads) or rejected, so the
-exactness invariant holds for every group that stays prunable, on any architecture.
+and retried another way before they are rejected: the heads of an attention module in another layout, only
+its core groups, or as plain channels; a channel group with its parents' stored widths updated too. So the
+exactness invariant holds for every group that stays prunable, on any architecture, and every rejection says
+why.
 """
 
 from __future__ import annotations
