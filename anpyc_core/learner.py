@@ -303,7 +303,7 @@ class ContinualLearner:
         """Task ``task``'s standalone model: units outside its mask physically removed, its head and statistics
         loaded, no masks left inside (eval mode, on the CPU)."""
         k = self._index(task)
-        trunk = copy.deepcopy(self.trunk).cpu().eval()
+        trunk = self.model.strip_hooks(copy.deepcopy(self.trunk)).cpu().eval()
         with torch.no_grad():
             for name, value in self.stats.get(k, {}).items():
                 mod, _, buf = name.rpartition(".")
@@ -563,7 +563,8 @@ class ContinualLearner:
 
     def _subnetwork_numbers(self, k: int) -> dict:
         example = self._example[:1].cpu()
-        dense = TaskModel(copy.deepcopy(self.trunk).cpu().eval(), copy.deepcopy(self.model.heads[str(k)]).cpu())
+        dense = TaskModel(self.model.strip_hooks(copy.deepcopy(self.trunk)).cpu().eval(),
+                          copy.deepcopy(self.model.heads[str(k)]).cpu())
         dense_params = sum(p.numel() for p in dense.parameters())
         dense_flops = count_flops(dense, example)
         if isinstance(self.space, UnitSpace):

@@ -13,6 +13,7 @@ computes exactly what the physically pruned network computes:
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -170,14 +171,32 @@ class MaskedModel(nn.Module):
         self._stats: dict[str, torch.Tensor] = {}
         self._modes: dict[str, _MaskedNormMode] = {}
         self._hooks = []
+        self._hook_fns: set[int] = set()
         for name in norm_modules:
             module = trunk.get_submodule(name)
-            self._hooks.append(module.register_forward_pre_hook(self._enter_norm(name)))
-            self._hooks.append(module.register_forward_hook(self._exit_norm(name), always_call=True))
+            enter, leave = self._enter_norm(name, module), self._exit_norm(name)
+            self._hook_fns.update({id(enter), id(leave)})
+            self._hooks.append(module.register_forward_pre_hook(enter))
+            self._hooks.append(module.register_forward_hook(leave, always_call=True))
+
+    def strip_hooks(self, module: nn.Module) -> nn.Module:
+        """Remove this model's masked-norm hooks from a deep copy of the trunk (a copy must not see the masks)."""
+        for m in module.modules():
+            for table in (m._forward_pre_hooks, m._forward_hooks):
+                for key in [k for k, fn in table.items() if id(fn) in self._hook_fns]:
+                    del table[key]
+                    m._forward_hooks_always_called.pop(key, None)
+        return module
 
     # ------------------------------------------------------------------ hooks for masked normalisation
-    def _enter_norm(self, name: str):
+    def _enter_norm(self, name: str, owner: nn.Module):
+        ref = weakref.ref(owner)
+
         def hook(module, args):
+            # deep copies of the trunk (sliced subnetworks, exports) carry this hook too: only the module it was
+            # registered on may apply this model's masks
+            if module is not ref():
+                return
             mask = self._norm_masks.get(name)
             if mask is not None:
                 mode = _MaskedNormMode(mask)

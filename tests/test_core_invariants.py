@@ -95,7 +95,9 @@ def test_removal_semantics_layernorm(model, randomized_norms):
         k = learner._index(task.id)
         active = learner.space.active(k)
         assert 0 < int(active.sum()) < learner.space.num_units
+        learner.reference_forward(stream[-1 - k].id, x)  # another task's masks are active when the copy is made
         sub = learner.subnetwork(task.id)
+        assert not any(m._forward_pre_hooks or m._forward_hooks for m in sub.modules()), "masked-norm hooks leaked"
         dense_params = sum(p.numel() for p in learner.trunk.parameters())
         assert sum(p.numel() for p in sub.trunk.parameters()) < dense_params, "nothing was physically removed"
         masked = learner.reference_forward(task.id, x)
