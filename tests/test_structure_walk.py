@@ -215,13 +215,15 @@ def test_odd_model_fully_prunable(odd):
     bad = [r for r in s.rejected if r.reason != "a single unit"]
     assert not bad, bad
     names = {g.name: g for g in s.groups}
-    assert {"side", "mix", "attn.qkv"} <= set(names), sorted(names)
-    # stem and side feed one concat, so their channels share a group (as separate units)
-    assert {"stem.weight", "side.weight", "mix.weight"} <= {sl.tensor for sl in names["side"].slices}
-    assert names["side"].size == 24 + 8
+    assert {"side", "side#1", "mix", "attn.qkv"} <= set(names), sorted(names)
+    # stem and side feed one concat: one traced group, split per branch so that each branch keeps a channel
+    branches = {frozenset(sl.tensor for sl in names[n].slices if sl.dim == 0 and sl.tensor.endswith("weight")):
+                names[n].size for n in ("side", "side#1")}
+    assert branches == {frozenset({"stem.weight"}): 24, frozenset({"side.weight"}): 8}
+    assert all("mix.weight" in {sl.tensor for sl in names[n].slices} for n in ("side", "side#1"))
     # the concat offsets come from the real shapes: the constant block is channels 0..3 and belongs to no unit
-    mix_in = [sl.positions for g in s.groups for sl in g.slices if sl.tensor == "mix.weight" and sl.dim == 1]
-    assert mix_in == [tuple(range(4, 36))]
+    mix_in = sorted(sl.positions for g in s.groups for sl in g.slices if sl.tensor == "mix.weight" and sl.dim == 1)
+    assert mix_in == [tuple(range(4, 28)), tuple(range(28, 36))]
 
 
 def test_per_head_tensors_follow_heads(odd):

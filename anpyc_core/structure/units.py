@@ -398,10 +398,10 @@ def build_structure(
             rejected.append(Rejected(name, p.reason or p.trace_reason))
             continue
         try:
-            g = _channel_group(p, modules, shapes)
-            if name in parent_sync:
-                g.kind, g.sync_parents = f"{g.kind}{PARENTS_SUFFIX}", True
-            groups.append(g)
+            for g in _split_by_tensors(_channel_group(p, modules, shapes)):
+                if g.name in parent_sync:
+                    g.kind, g.sync_parents = f"{g.kind}{PARENTS_SUFFIX}", True
+                groups.append(g)
         except Exception as e:
             rejected.append(Rejected(name, f"cannot build the group ({type(e).__name__}: {e})"[:300]))
 
@@ -579,6 +579,46 @@ def _channel_group(p: _Prepared, modules: dict, shapes: dict) -> UnitGroup:
     fps = tuple(sorted(fmap))
     return UnitGroup(index=0, name=rg.root, kind=kind, size=n_units, slices=slices, norms=norm_sites,
                      feature_positions=fps, feature_units=tuple(fmap[q] for q in fps), unit_cost=cost)
+
+
+def _split_by_tensors(g: UnitGroup) -> list[UnitGroup]:
+    """Split a group whose units touch different sets of tensors (the branches of a concat) into one group per
+    set, named ``root``, ``root#1``, ... So "at least one unit per group" means at least one channel per branch:
+    a branch conv left with no output channel is not a valid layer."""
+    touched: list[set[str]] = [set() for _ in range(g.size)]
+    for s in g.slices:
+        for u in s.units:
+            touched[u].add(s.tensor)
+    keys: dict[frozenset, int] = {}
+    part = [keys.setdefault(frozenset(t), len(keys)) for t in touched]
+    if len(keys) < 2:
+        return [g]
+    out = []
+    for k in range(len(keys)):
+        units = [u for u in range(g.size) if part[u] == k]
+        local = {u: i for i, u in enumerate(units)}
+
+        slices = []
+        for s in g.slices:
+            pos, uns = _keep(s.positions, s.units, local)
+            if pos:
+                slices.append(TensorSlice(s.tensor, s.dim, pos, uns))
+        norms = []
+        for n in g.norms:
+            pos, uns = _keep(n.positions, n.units, local)
+            if pos:
+                norms.append(NormSite(n.module, pos, uns, n.size))
+        fpos, funits = _keep(g.feature_positions, g.feature_units, local)
+        cost = g.unit_cost[units] if g.unit_cost is not None else None
+        out.append(UnitGroup(index=0, name=g.name if k == 0 else f"{g.name}#{k}", kind=g.kind, size=len(units),
+                             slices=slices, norms=norms, attention=list(g.attention), feature_positions=fpos,
+                             feature_units=funits, unit_cost=cost))
+    return out
+
+
+def _keep(positions, units, local: dict[int, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    pairs = [(p, local[u]) for p, u in zip(positions, units, strict=True) if u in local]
+    return tuple(p for p, _ in pairs), tuple(u for _, u in pairs)
 
 
 def _is_grouped(m: nn.Module | None) -> bool:
