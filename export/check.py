@@ -189,6 +189,7 @@ def check_model(
     else:
         root = Path(out_dir)
         root.mkdir(parents=True, exist_ok=True)
+    learner = None
     try:
         try:
             learner = ContinualLearner(name, input_spec=stream.input_spec,
@@ -223,9 +224,6 @@ def check_model(
             sidecars = export_all(learner, root / "export", threads=threads or 1)
         except Exception as e:
             return fail("export", _short(e))
-        finally:
-            if learner.run is not None:
-                learner.run.close()
         result["parity"] = [float(s["parity"]["max_abs_diff"]) for s in sidecars]
         result["exporter"] = [str(s["exporter"]) for s in sidecars]
         result.update(ok=True, stage="done", reason="", seconds=round(time.time() - t0, 1))
@@ -235,5 +233,7 @@ def check_model(
         where = f" at {Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
         return fail(result.get("stage") or "check", _short(e) + where)
     finally:
+        if learner is not None and learner.run is not None:
+            learner.run.close()  # releases the run's lock even when a stage failed
         if tmp is not None:
             tmp.cleanup()
