@@ -250,6 +250,26 @@ class ContinualLearner:
             self._finish_task(task, k, time.time() - t0)
         return self._record(task.id)
 
+    def attach(self, tasks: Iterable[Task]) -> None:
+        """Give a loaded run the data of tasks it learned (for evaluation or int8 calibration), without training."""
+        for task in tasks:
+            if any(r["id"] == task.id for r in self.tasks):
+                self._check_task(task)
+                self._data[task.id] = task
+
+    def has_data(self, task: int) -> bool:
+        """Whether the data of ``task`` is available (learned in this session, or attached)."""
+        return task in self._data
+
+    def calibration_inputs(self, task: int, n: int) -> torch.Tensor:
+        """``n`` training inputs of ``task`` (a seeded sample), e.g. to calibrate a static int8 model."""
+        self._index(task)
+        data = self._data.get(task)
+        if data is None:
+            raise DataError(f"no data is attached for task {task}", "call attach(stream) with the run's task stream")
+        order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(self.config.seed))[:n]
+        return torch.stack([data.train[int(i)][0] for i in order])
+
     def fit(self, stream: Iterable[Task]) -> dict:
         """Learn every task of ``stream`` in order; returns :meth:`metrics`."""
         tasks = list(stream)

@@ -46,3 +46,21 @@ def test_learned_tasks_export_with_parity_and_size_follows_units(model, tmp_path
         else:
             assert abs(sizes[i + 1] - sizes[i]) <= 0.02 * sizes[i], (active, sizes)
     assert json.loads((tmp_path / "export" / "manifest.json").read_text())["tasks"]
+
+
+def test_cli_int8_export_calibrates_on_the_runs_own_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from anpyc.cli.app import app
+
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["train", "--model", "cnn", "--model-opt", "width=4", "--data", "synthetic",
+                                 "--data-opt", "samples_per_class=12", "--data-opt", "img_size=16", "--tasks", "1",
+                                 "--epochs", "1", "--out", str(run), "--no-progress", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["export", str(run), "--int8"])
+    assert r.exit_code == 0, r.output
+    sidecar = json.loads((run / "export" / "task-000.json").read_text())
+    assert sidecar["int8"]["mode"] == "static" and sidecar["int8"]["calibration_samples"] > 0
+    assert (run / "export" / sidecar["int8"]["file"]).exists()
+    assert "top-1 agreement" in r.output

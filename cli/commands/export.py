@@ -38,12 +38,22 @@ def command(
                    f"opset={s['opset']} parity={s['parity']['max_abs_diff']:.2e} params={s['params']} "
                    f"flops={s['flops']}")
     if int8:
+        from anpyc.errors import AnpycError
         from anpyc.export.quantize import compare_int8, quantize_task
+
+        from ..sources import read_source
+
+        source = read_source(run)  # the data the run recorded: calibration samples for static int8
+        if source is not None:
+            try:
+                learner.attach(source.open(input_spec=learner.input_spec))
+            except AnpycError as e:
+                typer.echo(f"note: the run's data is not available ({e.one_line}); int8 falls back to dynamic")
 
         for s in sidecars:
             t = s["task"]
             calib = None
-            if isinstance(learner, CalibrationSource):
+            if isinstance(learner, CalibrationSource) and learner.has_data(t):
                 calib = learner.calibration_inputs(t, 64).detach().float().cpu().numpy()
             entry = quantize_task(out_dir, t, calibration=calib, threads=threads)
             if calib is not None:
