@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{len(done)}/{len(models)}] {m}: {'ok' if r.get('ok') else r.get('reason')} "
                   f"({r.get('seconds', 0):.0f} s)", flush=True)
             args.results.write_text(json.dumps([done[k] for k in models if k in done], indent=1, default=str))
+    shutil.rmtree(tmp, ignore_errors=True)
     results = [done[m] for m in models]
     cmd_args = []
     if args.models:
