@@ -73,14 +73,19 @@ class RunDir:
         self._lock_fd = fd
 
     def _remove_debris(self) -> None:
-        """Temporary files and uncommitted generations left by a process that was killed mid-write."""
+        """Temporary files, uncommitted generations and superseded ones left by a process killed mid-save."""
         for p in self.path.glob(".*.tmp"):
             p.unlink(missing_ok=True)
         state = self.path / "state"
-        if state.is_dir():
-            for p in state.iterdir():
-                if p.name.startswith("."):
-                    shutil.rmtree(p, ignore_errors=True)
+        if not state.is_dir():
+            return
+        try:
+            committed = read_json(self.manifest_path).get("generation") if self.manifest_path.exists() else None
+        except Exception:
+            return  # an unreadable manifest: leave everything for the user to look at
+        for p in state.iterdir():
+            if p.name.startswith(".") or (p.name.isdigit() and committed is not None and int(p.name) != committed):
+                shutil.rmtree(p, ignore_errors=True)
 
     def close(self) -> None:
         if self._lock_fd is not None:

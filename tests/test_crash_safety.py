@@ -44,19 +44,21 @@ def _check_not_torn(run: Path) -> None:
         if (run / name).exists():
             json.loads((run / name).read_text())
     read_jsonl(run / "events.jsonl")  # a torn last line is tolerated by design, never a torn middle line
-    # a kill can leave temporary files and an uncommitted generation; nothing references them
-    committed = {f"{manifest.get('generation') or 0:06d}"}
+    # a kill can leave temporary files, a renamed generation whose manifest update did not happen yet, or the
+    # previous generation not yet deleted: nothing references them, and the next open of the run removes them.
     for p in (run / "state").iterdir() if (run / "state").exists() else []:
-        assert p.name in committed or p.name.startswith("."), p
+        assert p.name.startswith(".") or p.name.isdigit(), p
 
 
 @pytest.mark.slow
 def test_sigkill_and_resume_reaches_the_uninterrupted_result(tmp_path):
     ref = tmp_path / "ref"
     proc = _start(ref)
+    _wait_ready(proc)
+    t0 = time.monotonic()
     out, err = proc.communicate(timeout=900)
+    t_run = time.monotonic() - t0  # training time of the whole run, READY to DONE
     assert proc.returncode == 0 and "DONE" in out, err[-3000:]
-    t_total = max(1.0, sum(1 for _ in read_jsonl(ref / "events.jsonl")))  # events, for a sense of length
 
     run = tmp_path / "run"
     rng = random.Random(1234)
@@ -70,7 +72,9 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_result(tmp_path):
             proc.wait(timeout=900)
             assert proc.returncode == 0 and "DONE" in out, proc.stderr.read()[-3000:]
             break
-        time.sleep(rng.uniform(0.05, 1.5))
+        # Kill times scale with this machine's speed: each attempt runs at most a tenth of the whole run, so
+        # 12 attempts cannot finish it (their total is 0.6x the run on average, 1.2x at the very most).
+        time.sleep(rng.uniform(0.01, t_run / 10))
         if proc.poll() is not None:  # finished before the kill: the run is complete
             assert proc.returncode == 0, proc.stderr.read()[-3000:]
             break
@@ -82,11 +86,12 @@ def test_sigkill_and_resume_reaches_the_uninterrupted_result(tmp_path):
             phases_hit.add(events[-1].get("phase") or events[-1]["event"])
         _check_not_torn(run)
     assert kills >= 10, f"only {kills} kills before the run finished"
-    assert not list(run.rglob("*.tmp")) and not [p for p in (run / "state").iterdir() if p.name.startswith(".")]
+    assert not list(run.rglob("*.tmp"))
+    gen = json.loads((run / "run.json").read_text())["generation"]
+    assert [p.name for p in (run / "state").iterdir()] == [f"{gen:06d}"]
     assert len(phases_hit) >= 2, phases_hit  # kills landed in different parts of the loop
     _check_not_torn(run)
     a = json.loads((ref / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert b["accuracy_matrix"] == a["accuracy_matrix"]
     assert b["capacity"] == a["capacity"]
-    assert t_total > 0
