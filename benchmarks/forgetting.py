@@ -120,6 +120,15 @@ NOTES: dict[str, str] = {
                     "hyper-parameters transferred from the permuted10 search (no search on this suite).",
 }
 
+SEARCH_NOTES: dict[str, str] = {
+    "permuted10": "Diverged points are the explicit quadratic penalty under SGD: an element diverges once "
+                  "lr · 2 · strength · ω̃ > 2 (1 + momentum), and the normalised importance ω̃ reaches 100×–500× its "
+                  "mean in the tail. Adam is stable at every strength, and its results show that stronger "
+                  "penalties lose anyway on this stream: they stop later tasks from learning (intransigence). The "
+                  "paper mode's 0.07 is the original λ = 3 translated to our normalised importance (see "
+                  "`anpyc_core/config.py`); 0.7 is 10× that.",
+}
+
 # ------------------------------------------------------------------------------------------- validation search
 # Per suite and method: the grid searched on the validation splits (seed 0), as a list of blocks whose value lists
 # are crossed; the winner (highest validation ACC: mean validation accuracy over all tasks after the last one) is
@@ -222,9 +231,13 @@ def table(suite: Suite, rows: dict[str, list[dict]]) -> str:
     lines = ["| method | backbone | ACC (%) | BWT (pts) | forgetting (pts) | capacity (%) | params/task (%) | "
              "val ACC (%) | wall (s) |",
              "|---|---|---|---|---|---|---|---|---|"]
+    diverged = []
     for name, runs in rows.items():
         if not runs:
             continue
+        bad = [r for r in runs if r.get("diverged")]
+        diverged += [f"{name} seed {r['spec']['seed']} ({r['diverged'].split(' (')[0]})" for r in bad]
+        label = f"{name} ({len(bad)}/{len(runs)} diverged)" if bad else name
         spec = runs[0]["spec"]
         bb = spec["backbone"]
         if spec["backbone"] == "mlp":
@@ -232,10 +245,13 @@ def table(suite: Suite, rows: dict[str, list[dict]]) -> str:
             if spec["backbone_kwargs"].get("dropout"):
                 bb += f" (dropout {spec['backbone_kwargs']['dropout']:g})"
         lines.append(
-            f"| {name} | {bb} | {fmt_pm(r['acc'] for r in runs)} | {fmt_pm((r['bwt'] for r in runs), signed=True)} | "
+            f"| {label} | {bb} | {fmt_pm(r['acc'] for r in runs)} | {fmt_pm((r['bwt'] for r in runs), signed=True)} | "
             f"{fmt_pm(r['mean_forgetting'] for r in runs)} | {fmt_pm((r['capacity'][-1] if r['capacity'] else None for r in runs), digits=0)} | "
             f"{fmt_pm((_task_params(r) for r in runs), digits=0)} | {fmt_pm(r['val_acc'] for r in runs)} | "
             f"{fmt_pm((r['wall_seconds'] for r in runs), scale=1.0, digits=0)} |")
+    if diverged:
+        lines += ["", "Diverged runs (training stopped with a non-finite loss; their seeds are left out of the row's "
+                      "mean): " + "; ".join(diverged) + "."]
     return "\n".join(lines)
 
 
@@ -257,7 +273,7 @@ def search_table(search: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(suite: Suite, rows: dict[str, list[dict]], path: Path) -> None:
+def plot(suite: Suite, rows: dict[str, list[dict]], path: Path, quick: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,11 +294,16 @@ def plot(suite: Suite, rows: dict[str, list[dict]], path: Path) -> None:
                         **style)
         ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                         color=line.get_color(), alpha=0.12)
+    from matplotlib.ticker import MaxNLocator
+
+    seeds = max((len(runs) for runs in rows.values()), default=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tasks learned")
-    ax.set_ylabel("ACC over the tasks learned so far (%)")
-    ax.set_title(suite.title, fontsize=10)
+    ax.set_ylabel("test ACC over the tasks learned so far (%)")
+    ax.set_title(f"{suite.title}{' (QUICK settings)' if quick else ''}\nmean ± std over {seeds} seed(s)",
+                 fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    ax.legend(fontsize=8, ncol=2, loc="best")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -328,9 +349,24 @@ def render(results_dir: Path, out: Path, quick: bool, rel: str) -> str:
         if doc is None:
             continue
         parts += [f"### Validation search: {SUITES[name].title}", "", "```", doc["command"], "```", "",
-                  f"Seed(s) {', '.join(map(str, doc['seeds']))}, selection by validation ACC only; every other "
-                  f"setting is the method's preset.", "", search_table(doc["search"]), ""]
+                  f"Seed(s) {', '.join(map(str, doc['seeds']))}, selection by validation ACC only (ties: the point "
+                  f"that leaves more capacity free); every other setting is the method's preset. "
+                  f"{_budget(doc['search'])}", "", search_table(doc["search"]), ""]
+        if SEARCH_NOTES.get(name):
+            parts += [SEARCH_NOTES[name], ""]
     return "\n".join(parts)
+
+
+def _budget(search: dict[str, list[dict]]) -> str:
+    runs = [w for points in search.values() for p in points for w in p["wall_seconds"]]
+    winners = []
+    for method, points in search.items():
+        scored = [p for p in points if not any(p.get("diverged") or []) and not math.isnan(mean_std(p["val_acc"])[0])]
+        if scored:
+            best = max(scored, key=_rank)
+            winners.append(f"{method}: " + ", ".join(f"`{k}={v}`" for k, v in best["point"].items()))
+    return (f"Budget: {len(runs)} runs, {sum(runs) / 60:.0f} min of training on the shared CPU. "
+            f"Winners — {'; '.join(winners)}.")
 
 
 def targets(name: str, rows: dict[str, list[dict]]) -> str:
@@ -429,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             old = _load(path)
             if old is not None and args.methods is not None and old.get("seeds") == seeds:
                 doc["rows"] = {**old["rows"], **doc["rows"]}  # a partial run keeps the other rows
-            plot(suite, doc["rows"], results_dir / f"acc_vs_tasks_{name}{tag}.png")
+            plot(suite, doc["rows"], results_dir / f"acc_vs_tasks_{name}{tag}.png", quick=args.quick)
         doc["command"] = _command(name, list(doc["search"] if args.search else doc["rows"]), suite, args, seeds)
         path.write_text(json.dumps(doc, indent=1))
         print(f"[{name}] done in {time.time() - t0:.0f}s -> {path}", flush=True)
