@@ -112,3 +112,30 @@ def test_consolidation_rules():
     p.grad = torch.ones(4)
     gate.gate(params)
     assert p.grad.tolist() == pytest.approx([1.0, 0.5, 0.0, 1.0])
+
+
+@pytest.mark.parametrize("method", ["anpyc", "finetune"])
+def test_batchnorm_statistics_follow_the_parameters(method):
+    """Frozen tasks keep the statistics they ended with; shared, still-changing weights share the latest ones."""
+    from conftest import fast_config, tiny_stream
+
+    cfg = fast_config(method, **({"prune.mode": "none"} if method == "finetune" else {}))  # same units in both
+    learner = anpyc.ContinualLearner("cnn", input_spec=tiny_stream("cnn").input_spec, config=cfg)
+    stream = tiny_stream("cnn", num_tasks=2)
+    for task in stream:
+        learner.learn(task)
+    bn = {n: m for n, m in learner.subnetwork(0).trunk.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    bn_last = dict(learner.subnetwork(1).trunk.named_modules())
+    assert bn, "the cnn backbone has BatchNorm layers"
+    same = [torch.equal(m.running_mean, bn_last[n].running_mean) for n, m in bn.items() if n in bn_last]
+    if method == "finetune":
+        # every task runs with the statistics of the current weights: the ones the last task ended with
+        assert all(same) and len(same) == len(bn)
+        x = stream[0].test[0][0].unsqueeze(0)
+        learner.model.eval()
+        learner._use_task(1)
+        with torch.no_grad():
+            ref = learner.model(x, 0)
+        assert torch.equal(learner.reference_forward(stream[0].id, x), ref)
+    else:
+        assert not all(same)  # task 0's own statistics, not the ones task 1 ended with
