@@ -4,9 +4,9 @@ After a task trains, its claim (the units it took from the free pool) is shrunk 
 recomputed on the task, the least important part of the claim is released back to the free pool, and the
 network retrains under consolidation. Strategies (a registry):
 
-* ``guarded`` (default): keep releasing ``step`` of the claim while validation accuracy stays within
-  ``tolerance`` of the unpruned accuracy; a step that breaks it is rolled back and the step halved, until it is
-  smaller than ``min_step`` or ``max_ratio`` of the claim is released;
+* ``guarded`` (default): keep releasing ``step`` of the claim (``geometric``: of what the task still keeps) while
+  validation accuracy stays within ``tolerance`` of the unpruned accuracy; a step that breaks it is rolled back and
+  the step halved, until it is smaller than ``min_step`` or ``max_ratio`` of the claim is released;
 * ``schedule``: the original fixed schedule, ``first_ratio`` for the first task, times ``decay`` for each next,
   in increments of ``step``; no rollback;
 * ``none``: no pruning.
@@ -85,7 +85,8 @@ def prune_guarded(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
         if claim == 0 or state["step"] < cfg.min_step - 1e-12 or state["released"] >= cfg.max_ratio * claim:
             state["done"] = True
             break
-        want = max(1, int(round(state["step"] * claim)))
+        base = claim - state["released"] if cfg.geometric else claim  # what the step is a fraction of
+        want = max(1, int(round(state["step"] * base)))
         want = min(want, int(cfg.max_ratio * claim) - state["released"]) if cfg.max_ratio < 1 else want
         units = select_release(host, max(want, 0))
         if units.numel() == 0:

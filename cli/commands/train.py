@@ -19,6 +19,7 @@ class Method(str, Enum):
 
     anpyc = "anpyc"
     anpyc_soft = "anpyc-soft"
+    anpyc_element = "anpyc-element"
     ewc = "ewc"
     mas = "mas"
     si = "si"
