@@ -8,8 +8,8 @@ the start of the task) and the ``old`` mask (elements an earlier task's subnetwo
 * ``gate`` — quadratic, plus an element-wise gradient gate ``grad *= 1 - clamp(omega~ / q, 0, 1)`` on old
   elements, ``q`` the ``gate_quantile`` of omega~ over old elements (the most important ones are frozen, the
   rest slowed in proportion);
-* ``hard`` — every old element frozen (the PackNet-like limit case): gradients zeroed and values restored after
-  every step, so an earlier task's outputs cannot move at all.
+* ``hard`` — every old element frozen (the PackNet-like limit case): gradients zeroed before every step and values
+  restored at the end of every epoch, so an earlier task's outputs cannot move at all.
 
 ``omega~`` is omega divided by its mean over the old elements, so ``strength`` means the same thing whatever the
 measure, model or batch size.
@@ -67,6 +67,9 @@ class Consolidation:
     def after_step(self, params: dict[str, torch.Tensor]) -> None:
         """Fix parameters in place after the optimizer step."""
 
+    def end_epoch(self, params: dict[str, torch.Tensor]) -> None:
+        """Fix parameters in place at the end of an epoch (before anything evaluates or saves them)."""
+
 
 @CONSOLIDATION.register("none")
 class NoConsolidation(Consolidation):
@@ -105,16 +108,27 @@ class Gate(Quadratic):
 
 @CONSOLIDATION.register("hard")
 class Hard(Consolidation):
-    """Freeze every element an earlier task uses (PackNet-like)."""
+    """Freeze every element an earlier task uses (PackNet-like).
+
+    Gradients of old elements are multiplied by zero before every step (a float multiply is ~25x faster than a
+    boolean ``masked_fill_`` on CPU). An element whose gradient is zero from the start of a phase cannot move under
+    the loop's optimisers (SGD/momentum and Adam start from zero state every phase; weight decay is applied by the
+    loop to new elements only), so old values are restored exactly once per epoch, before anything evaluates or
+    saves them, not after every step. A non-finite gradient turns into NaN here and stops training as a divergence
+    with the last good state kept."""
+
+    def begin(self, params, omega, anchor, old):
+        super().begin(params, omega, anchor, old)
+        self.keep = {n: (~m).to(params[n].dtype) for n, m in self.old.items() if n in params}
 
     def gate(self, params):
-        for n, m in self.old.items():
+        for n, k in self.keep.items():
             g = params[n].grad
             if g is not None:
-                g.masked_fill_(m, 0.0)
+                g.mul_(k)
 
     @torch.no_grad()
-    def after_step(self, params):
+    def end_epoch(self, params):
         for n, m in self.old.items():
             params[n].copy_(torch.where(m, self.anchor[n], params[n]))
 

@@ -140,6 +140,7 @@ def train_epoch(
         n += 1
         if on_batch is not None:
             on_batch(n, float(loss.detach()))
+    consolidation.end_epoch(params)
     return EpochResult(total_loss / max(n, 1), correct / max(seen, 1), total_pen / max(n, 1), n)
 
 

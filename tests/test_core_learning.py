@@ -105,7 +105,7 @@ def test_consolidation_rules():
     assert p.grad.tolist() == [0.0, 0.0, 0.0, 1.0]
     with torch.no_grad():
         p.add_(5.0)
-    hard.after_step(params)
+    hard.end_epoch(params)
     assert p.detach().tolist() == [0.0, 0.0, 0.0, 6.0]
     gate = create_consolidation(ConsolidationConfig(rule="gate", gate_quantile=1.0))
     gate.begin(params, omega, anchor, old)
@@ -139,3 +139,25 @@ def test_batchnorm_statistics_follow_the_parameters(method):
         assert torch.equal(learner.reference_forward(stream[0].id, x), ref)
     else:
         assert not all(same)  # task 0's own statistics, not the ones task 1 ended with
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_hard_rule_keeps_old_elements_exact_between_restores(optim):
+    """The hard rule restores old elements once per epoch; in between, zeroed gradients must not move them."""
+    from anpyc.config import OptimConfig
+    from anpyc.training import make_optimizer
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    old = {"w": torch.rand(6, 5) < 0.5}
+    start = w.detach().clone()
+    hard = create_consolidation(ConsolidationConfig(rule="hard"))
+    hard.begin({"w": w}, {"w": torch.rand(6, 5)}, {"w": start.clone()}, old)
+    opt = make_optimizer([w], OptimConfig(name=optim, lr=0.1, momentum=0.9))
+    for _ in range(5):
+        opt.zero_grad(set_to_none=True)
+        (w.sin() * torch.randn(6, 5)).sum().backward()
+        hard.gate({"w": w})
+        opt.step()
+        assert torch.equal(w.detach()[old["w"]], start[old["w"]])  # bit-exact, before any restore
+    assert not torch.equal(w.detach()[~old["w"]], start[~old["w"]])  # the other elements learn
