@@ -41,7 +41,7 @@ def test_forgetting_quick_writes_its_table(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
     out.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
     forgetting = _load("forgetting")
-    methods = ["anpyc", "paper", "finetune", "packnet", "ewc", "joint"]
+    methods = ["anpyc", "anpyc-element", "paper", "finetune", "packnet", "ewc", "joint"]
     assert forgetting.main(["--quick", "--seeds", "0", "--suites", "permuted10", "--methods", ",".join(methods),
                             "--out", str(out), "--threads", "1"]) == 0
     text = out.read_text()
@@ -52,7 +52,10 @@ def test_forgetting_quick_writes_its_table(tmp_path):
         acc, bwt, cap = _num(rows[m][2]), _num(rows[m][3]), _num(rows[m][5])
         assert 0.0 < acc <= 100.0 and 0.0 < cap <= 100.0, rows[m]
     # hard ownership: earlier tasks cannot move
-    assert _num(rows["anpyc"][3]) == 0.0 and _num(rows["packnet"][3]) == 0.0
+    assert _num(rows["anpyc"][3]) == 0.0 and _num(rows["packnet"][3]) == 0.0 and _num(rows["anpyc-element"][3]) == 0.0
+    # the targets are stated for both anpyc rows, against the best continual-learning baseline
+    assert re.search(r"Targets, anpyc: ACC − best continual-learning baseline \((finetune|packnet|ewc)\)", text)
+    assert "Targets, anpyc-element: ACC" in text and "joint training" in text
     assert _num(rows["finetune"][5]) == 100.0 and _num(rows["anpyc"][5]) < 100.0
     doc = json.loads((tmp_path / "benchmarks/results/forgetting_permuted10_quick.json").read_text())
     run = doc["rows"]["anpyc"][0]
