@@ -116,7 +116,7 @@ def save_tensors(
     """Save ``tensors`` atomically as safetensors with versioned metadata; returns the file's sha256."""
     meta = {"format": fmt, "version": str(version)}
     if schema is not None:
-        meta["schema"] = json.dumps(schema, sort_keys=True)
+        meta["schema"] = json.dumps(schema, sort_keys=True, separators=(",", ":"))  # compact: it is stored
     if extra:
         meta.update({k: str(v) for k, v in extra.items()})
     data = st_save_bytes({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=meta)

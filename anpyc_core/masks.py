@@ -22,12 +22,15 @@ from .errors import StateFileError
 from .io import load_tensors, save_tensors
 from .structure.units import Structure
 
-__all__ = ["FREE", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "MASKS_FORMAT",
-           "MASKS_VERSION"]
+__all__ = ["FREE", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "schema_tasks",
+           "MASKS_FORMAT", "MASKS_VERSION", "MASKS_READS"]
 
 FREE = 255
 MASKS_FORMAT = "anpyc.masks"
-MASKS_VERSION = 1
+MASKS_VERSION = 2
+# version 1 listed the task indices (``"tasks": [0, 1, ...]``, ~4 bytes a task); version 2 stores their count
+# (``"num_tasks"``): indices are always 0..num_tasks-1. Both are read.
+MASKS_READS = (1, 2)
 
 
 def _bshape(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
@@ -296,9 +299,15 @@ class ElementSpace(MaskSpace):
 # ================================================================================================ files
 
 def save_masks(path: str | Path, space: MaskSpace, *, tasks: list[int], extra: dict | None = None) -> str:
-    """Write ``masks.safetensors``: the owner tensor plus the schema (granularity, layout, tasks) as metadata."""
+    """Write ``masks.safetensors``: the owner tensor plus the schema (granularity, layout, task count) as metadata.
+
+    ``tasks`` are the indices of the tasks learned so far, which are always ``0..len(tasks)-1``.
+    """
+    tasks = list(tasks)
+    if tasks != list(range(len(tasks))):
+        raise ValueError(f"task indices must be 0..{len(tasks) - 1} in order, got {tasks}")
     schema = dict(space.schema())
-    schema["tasks"] = list(tasks)
+    schema["num_tasks"] = len(tasks)
     if extra:
         schema.update(extra)
     return save_tensors(path, space.tensors(), fmt=MASKS_FORMAT, version=MASKS_VERSION, schema=schema)
@@ -309,7 +318,7 @@ def load_masks(path: str | Path, space: MaskSpace | None = None) -> tuple[dict[s
 
     Returns the tensors and the schema.
     """
-    tensors, meta = load_tensors(path, fmt=MASKS_FORMAT, versions=(MASKS_VERSION,))
+    tensors, meta = load_tensors(path, fmt=MASKS_FORMAT, versions=MASKS_READS)
     schema = meta.get("schema") or {}
     if space is not None:
         if schema.get("granularity") != space.granularity or schema.get("fingerprint") != space.layout_key():
@@ -318,3 +327,10 @@ def load_masks(path: str | Path, space: MaskSpace | None = None) -> tuple[dict[s
                                  "use the mask file of this run, or re-train with this backbone")
         space.load_owners(tensors)
     return tensors, schema
+
+
+def schema_tasks(schema: dict) -> list[int]:
+    """Task indices recorded in a mask file's schema, whichever version wrote it."""
+    if "num_tasks" in schema:
+        return list(range(int(schema["num_tasks"])))
+    return [int(t) for t in schema.get("tasks") or []]

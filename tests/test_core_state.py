@@ -63,9 +63,9 @@ def test_masks_file_is_readable_with_safetensors_alone(tmp_path):
     with safe_open(state / "masks.safetensors", framework="pt") as f:
         meta = f.metadata()
         owners = f.get_tensor("owners")
-    assert meta["format"] == "anpyc.masks" and meta["version"] == "1"
+    assert meta["format"] == "anpyc.masks" and meta["version"] == "2"
     schema = json.loads(meta["schema"])
-    assert schema["granularity"] == "unit" and schema["free"] == 255 and schema["tasks"] == [0, 1]
+    assert schema["granularity"] == "unit" and schema["free"] == 255 and schema["num_tasks"] == 2
     assert owners.dtype == torch.uint8 and owners.numel() == schema["num_units"] == learner.space.num_units
     assert sum(g["size"] for g in schema["groups"]) == owners.numel()
     assert torch.equal(owners, learner.space.owners)
@@ -129,3 +129,27 @@ def test_load_masks_rejects_another_backbone(tmp_path):
         load_masks(path, other.space)
     tensors, schema = load_masks(path, learner.space)
     assert schema["fingerprint"] == learner.space.layout_key()
+
+
+def test_mask_file_v2_counts_tasks_and_reads_v1(tmp_path):
+    """v2 stores the task count (v1's index list cost ~4 bytes a task); a v1 file still loads, tasks included."""
+    from anpyc.io import save_tensors
+    from anpyc.masks import load_masks, save_masks, schema_tasks
+
+    learner, _ = _run(tmp_path / "run", num_tasks=1)
+    space = learner.space
+    space.owners[:3] = torch.tensor([0, 1, 2], dtype=torch.uint8)
+    sizes = {}
+    for n in (3, 200):
+        save_masks(tmp_path / f"m{n}.safetensors", space, tasks=list(range(n)))
+        sizes[n] = (tmp_path / f"m{n}.safetensors").stat().st_size
+    assert sizes[200] - sizes[3] <= 8  # the task count's digits, not a list of 200 indices
+    _, schema = load_masks(tmp_path / "m3.safetensors", space)
+    assert schema["num_tasks"] == 3 and schema_tasks(schema) == [0, 1, 2]
+    with pytest.raises(ValueError, match="0..2 in order"):
+        save_masks(tmp_path / "bad.safetensors", space, tasks=[0, 2, 3])
+    v1 = {**space.schema(), "tasks": [0, 1, 2]}
+    save_tensors(tmp_path / "v1.safetensors", space.tensors(), fmt="anpyc.masks", version=1, schema=v1)
+    space.owners.fill_(255)
+    tensors, schema = load_masks(tmp_path / "v1.safetensors", space)
+    assert schema_tasks(schema) == [0, 1, 2] and space.owners[:3].tolist() == [0, 1, 2]

@@ -55,7 +55,7 @@ def command(
     from rich.text import Text
 
     from anpyc.io import load_tensors, read_json
-    from anpyc.masks import FREE, MASKS_FORMAT, MASKS_VERSION
+    from anpyc.masks import FREE, MASKS_FORMAT, MASKS_READS, schema_tasks
     from anpyc.rundir import RunDir
 
     from .._common import console
@@ -66,7 +66,7 @@ def command(
     state_dir = rd.state_dir()  # checks that every committed file is present and unchanged
     state = read_json(state_dir / "state.json", what="run state")
     mask_path = state_dir / "masks.safetensors"
-    tensors, meta = load_tensors(mask_path, fmt=MASKS_FORMAT, versions=(MASKS_VERSION,))
+    tensors, meta = load_tensors(mask_path, fmt=MASKS_FORMAT, versions=MASKS_READS)
     schema = meta.get("schema") or {}
     owners = tensors["owners"].to(torch.long)
     n_units = int(owners.numel())
@@ -86,7 +86,7 @@ def command(
     mask_info = {"path": str(mask_path), "bytes": mask_path.stat().st_size,
                  "sha256": files.get("masks.safetensors"), "format": meta.get("format"), "version": meta.get("version"),
                  "granularity": schema.get("granularity"), "units": n_units, "dtype": str(tensors["owners"].dtype),
-                 "free_code": schema.get("free", FREE), "tasks": schema.get("tasks"), "free_units": free,
+                 "free_code": schema.get("free", FREE), "tasks": schema_tasks(schema), "free_units": free,
                  "fingerprint": schema.get("fingerprint")}
     owned_now = {r["id"]: int((owners == r["index"]).sum()) for r in records}
 
