@@ -85,9 +85,11 @@ PERMUTED = {
 }
 # permuted50: the winners of the search on the 50-task stream's own validation splits (SEARCH["permuted50"])
 LONG = {
+    "anpyc": Method("anpyc", {"prune.tolerance": 0.05, "prune.max_ratio": 0.99, "prune.retrain_epochs": 4,
+                              "prune.geometric": True, "prune.step": 0.5}),
     "anpyc-element": Method("anpyc-element", {"prune.tolerance": 0.02, "prune.max_ratio": 0.99,
                                               "prune.retrain_epochs": 4, "prune.geometric": True, "prune.step": 0.5}),
-    "packnet": Method("packnet", {"prune.first_ratio": 0.9}),
+    "packnet": Method("packnet", {"prune.first_ratio": 0.97}),
 }
 # CNN suites: no anpyc-soft row (its gate doubles the cost of a CPU run), no element-mask rows (the paper mode is an
 # MLP method; anpyc-element's per-element masks over 11M weights cost as much) -- anpyc is structured there
@@ -151,9 +153,16 @@ NOTES: dict[str, str] = {
 }
 
 SEARCH_NOTES: dict[str, str] = {
-    "permuted50": "The first anpyc-element point is the permuted10 winner (linear steps of 20% of the claim). "
+    "permuted50": "The first point of each anpyc row is its permuted10 winner (linear steps of 20% of the claim). "
                   "Geometric steps (50% of what is still kept) let each task keep 1-5% of the weights it was "
-                  "offered, which leaves room for the last tasks of the stream.",
+                  "offered, which leaves room for the last tasks of the stream. A grid whose winner sat on its edge "
+                  "was extended (anpyc tolerance 0.03 then 0.05, anpyc-element 0.03, PackNet 0.97 then 0.98) before "
+                  "the rows were run; anpyc's winner is still on the edge, not extended further: its last two "
+                  "points differ by 0.2 pts of validation ACC (one seed). Structured anpyc owns at least 96% of "
+                  "its 512 hidden neurons by task 40 at every point: a new permutation then learns with a handful "
+                  "of free neurons, its head and the frozen features of earlier permutations, which is why "
+                  "whole-neuron ownership loses on this stream and single-weight ownership (a free share of every "
+                  "neuron's inputs) does not.",
     "permuted10": "Diverged points are the explicit quadratic penalty under SGD: an element diverges once "
                   "lr · 2 · strength · ω̃ > 2 (1 + momentum), and the normalised importance ω̃ reaches 100×–500× its "
                   "mean in the tail. Adam is stable at every strength, and its results show that stronger "
@@ -164,7 +173,7 @@ SEARCH_NOTES: dict[str, str] = {
 
 # ------------------------------------------------------------------------------------------- validation search
 # Per suite and method: the grid searched on the validation splits (seed 0), as a list of blocks whose value lists
-# are crossed; the winner (highest validation ACC: mean validation accuracy over all tasks after the last one) is
+# are crossed (a point is laid over its row's overrides, so a point spells out every key the row sets); the winner (highest validation ACC: mean validation accuracy over all tasks after the last one) is
 # what the method rows above use. Quadratic rules are searched with SGD and with Adam: SGD on a quadratic penalty
 # is unstable for elements with lr * strength * omega~ > 1 + momentum (omega~ = omega / its mean; its tail reaches
 # 100x-500x the mean), Adam's per-element step size is not.
@@ -203,13 +212,17 @@ SEARCH: dict[str, dict[str, list[dict[str, list]]]] = {
     # 50 tasks: how much each task keeps decides what is left for the tasks after it, so the capacity settings are
     # searched again on this stream's own validation splits (the 10-task winners are among the points)
     "permuted50": {
-        "anpyc": [{"prune.tolerance": [0.02], "prune.max_ratio": [0.9], "prune.retrain_epochs": [4]},
+        "anpyc": [{"prune.tolerance": [0.02], "prune.max_ratio": [0.9], "prune.retrain_epochs": [4],
+                   "prune.geometric": [False], "prune.step": [0.2]},
                   {"prune.tolerance": [0.02], "prune.max_ratio": [0.95], "prune.retrain_epochs": [4],
+                   "prune.geometric": [True], "prune.step": [0.5]},
+                  {"prune.tolerance": [0.03, 0.05], "prune.max_ratio": [0.99], "prune.retrain_epochs": [4],
                    "prune.geometric": [True], "prune.step": [0.5]}],
-        "anpyc-element": [{"prune.tolerance": [0.01], "prune.max_ratio": [0.99], "prune.retrain_epochs": [4]},
-                          {"prune.tolerance": [0.01, 0.02], "prune.max_ratio": [0.99], "prune.retrain_epochs": [4],
-                           "prune.geometric": [True], "prune.step": [0.5]}],
-        "packnet": [{"prune.first_ratio": [0.75, 0.9, 0.95]}],
+        "anpyc-element": [{"prune.tolerance": [0.01], "prune.max_ratio": [0.99], "prune.retrain_epochs": [4],
+                           "prune.geometric": [False], "prune.step": [0.2]},
+                          {"prune.tolerance": [0.01, 0.02, 0.03], "prune.max_ratio": [0.99],
+                           "prune.retrain_epochs": [4], "prune.geometric": [True], "prune.step": [0.5]}],
+        "packnet": [{"prune.first_ratio": [0.75, 0.9, 0.95, 0.97, 0.98]}],
     },
 }
 
@@ -447,8 +460,9 @@ def targets(name: str, rows: dict[str, list[dict]]) -> str:
             curves = [r["test_acc_curve"] for r in rows[row] if len(r["test_acc_curve"]) >= 10]
             if curves:
                 d = 100 * mean_std(c[-1] - c[9] for c in curves)[0]
+                vs = "".join(f"; ACC − {b} = {100 * (acc[row] - a):+.1f} pts" for b, a in base.items())
                 lines.append(f"Target, {row}: ACC after 50 tasks − its ACC after 10 tasks (same runs) = {d:+.1f} pts "
-                             f"(target within 2 pts: {'met' if d >= -2 else 'missed'}).")
+                             f"(target within 2 pts: {'met' if d >= -2 else 'missed'}){vs}.")
     if name == "permuted10" and "joint" in acc and lines:
         lines.append(f"For scale: joint training on all data seen so far (the upper bound, not a continual method) "
                      f"reaches {100 * acc['joint']:.1f}.")
