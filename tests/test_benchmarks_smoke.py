@@ -97,3 +97,8 @@ def test_overhead_quick_writes_its_table(tmp_path):
     paper = masks["paper"]["files"][1]
     assert 1.0 <= paper["per_unit"] < 1.1  # element masks: one byte per weight element plus a small header
     assert 0 < doc["models"]["mlp"]["importance"]["ratio"]
+    worst = max(r["per_unit"] for r in masks["anpyc"]["files"])
+    ratio = doc["models"]["mlp"]["step"]["retrain"]["ratio_vs_finetune"]["anpyc"]
+    verdict = "met" if ratio <= 1.15 else f"missed by {ratio - 1.15:.2f}x"
+    assert f"retrain phase {ratio:.2f}x ({verdict})" in text
+    assert f"at most {worst:.2f} up to 254 tasks ({'met' if worst <= 2 else 'missed'})" in text
