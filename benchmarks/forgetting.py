@@ -173,8 +173,9 @@ SEARCH_NOTES: dict[str, str] = {
 
 # ------------------------------------------------------------------------------------------- validation search
 # Per suite and method: the grid searched on the validation splits (seed 0), as a list of blocks whose value lists
-# are crossed (a point is laid over its row's overrides, so a point spells out every key the row sets); the winner (highest validation ACC: mean validation accuracy over all tasks after the last one) is
-# what the method rows above use. Quadratic rules are searched with SGD and with Adam: SGD on a quadratic penalty
+# are crossed; a point is laid over the method's preset (see specs), so it spells out every setting it changes. The
+# winner (highest validation ACC: mean validation accuracy over all tasks after the last one) is what the method rows
+# above use. Quadratic rules are searched with SGD and with Adam: SGD on a quadratic penalty
 # is unstable for elements with lr * strength * omega~ > 1 + momentum (omega~ = omega / its mean; its tail reaches
 # 100x-500x the mean), Adam's per-element step size is not.
 _SGD = {"optim.name": ["sgd"], "optim.lr": [0.05]}
@@ -187,8 +188,9 @@ SEARCH: dict[str, dict[str, list[dict[str, list]]]] = {
                   {"prune.tolerance": [0.02, 0.03], "prune.max_ratio": [0.95], "prune.retrain_epochs": [4]},
                   {"prune.tolerance": [0.03], "prune.max_ratio": [0.9], "prune.retrain_epochs": [4]}],
         "anpyc-element": [{"prune.tolerance": [0.01, 0.02, 0.03], "prune.max_ratio": [0.99],
-                           "prune.retrain_epochs": [4]},
-                          {"prune.tolerance": [0.02], "prune.max_ratio": [0.98], "prune.retrain_epochs": [2]},
+                           "prune.retrain_epochs": [4], "prune.geometric": [False], "prune.step": [0.2]},
+                          {"prune.tolerance": [0.02], "prune.max_ratio": [0.98], "prune.retrain_epochs": [2],
+                           "prune.geometric": [False], "prune.step": [0.2]},
                           {"prune.tolerance": [0.01, 0.02], "prune.max_ratio": [0.99], "prune.retrain_epochs": [4],
                            "prune.geometric": [True], "prune.step": [0.5]}],
         "anpyc-soft": [{"consolidation.strength": [1.0, 10.0, 100.0, 1000.0]}],
@@ -237,13 +239,15 @@ def grid(space: list[dict[str, list]]) -> list[dict[str, Any]]:
 
 # ================================================================================================ running
 
-def specs(suite: Suite, method: str, seeds: list[int], *, quick: bool, extra: dict | None = None) -> list[RunSpec]:
+def specs(suite: Suite, method: str, seeds: list[int], *, quick: bool, point: dict | None = None) -> list[RunSpec]:
+    """Runs of one row, or of one search ``point``: a point is laid over the method's preset and the suite's budget
+    settings, never over the row's overrides, so it means the same run whichever point won."""
     m = suite.methods[method]
     backbone, bkw = suite.backbone, dict(suite.backbone_kwargs)
     if m.backbone_kwargs is not None:
         bkw = dict(m.backbone_kwargs)
     stream_kwargs = dict(suite.stream_kwargs)
-    overrides = {**m.overrides, **suite.common, **(extra or {})}
+    overrides = {**(m.overrides if point is None else point), **suite.common}
     if quick:
         stream_kwargs.update(suite.quick_stream)
         if suite.quick_backbone is not None:
@@ -281,7 +285,7 @@ def run_search(suite: Suite, methods: list[str], seeds: list[int], args) -> dict
         out[method] = []
         for point in grid(space[method]):
             runs = [_bench.run(s, device=args.device, threads=args.threads, cache=args.cache, fresh=args.fresh)
-                    for s in specs(suite, method, seeds, quick=args.quick, extra=point)]
+                    for s in specs(suite, method, seeds, quick=args.quick, point=point)]
             out[method].append({"point": point, "val_acc": [r["val_acc"] for r in runs],
                                 "wall_seconds": [r["wall_seconds"] for r in runs],
                                 "capacity": [r["capacity"][-1] if r["capacity"] else None for r in runs],
