@@ -6,48 +6,79 @@ The public surface is listed in ``__all__``; names resolve lazily so that ``impo
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 __version__ = "0.1.0"
 
+# public name -> the submodule that defines it (imported on first access, by a literal import in _load)
 _EXPORTS: dict[str, str] = {
     # learner and its configuration
-    "ContinualLearner": "anpyc.learner",
-    "LearnerConfig": "anpyc.config",
-    "OptimConfig": "anpyc.config",
-    "ImportanceConfig": "anpyc.config",
-    "PruneConfig": "anpyc.config",
-    "ConsolidationConfig": "anpyc.config",
-    "METHODS": "anpyc.config",
-    "method_config": "anpyc.config",
+    "ContinualLearner": "learner",
+    "LearnerConfig": "config",
+    "OptimConfig": "config",
+    "ImportanceConfig": "config",
+    "PruneConfig": "config",
+    "ConsolidationConfig": "config",
+    "METHODS": "config",
+    "method_config": "config",
     # tasks and data contract
-    "Task": "anpyc.task",
-    "TaskStream": "anpyc.task",
-    "InputSpec": "anpyc.task",
+    "Task": "task",
+    "TaskStream": "task",
+    "InputSpec": "task",
+    # backbones by name
+    "BACKBONES": "backbones",
+    "create_backbone": "backbones",
     # structure walk and masks
-    "walk": "anpyc.structure",
-    "Structure": "anpyc.structure",
-    "UnitGroup": "anpyc.structure",
-    "MaskSpace": "anpyc.masks",
-    "load_masks": "anpyc.masks",
+    "walk": "structure",
+    "Structure": "structure",
+    "UnitGroup": "structure",
+    "MaskSpace": "masks",
+    "load_masks": "masks",
     # registries
-    "IMPORTANCE": "anpyc.importance",
-    "CONSOLIDATION": "anpyc.consolidation",
+    "IMPORTANCE": "importance",
+    "CONSOLIDATION": "consolidation",
     # metrics
-    "continual_metrics": "anpyc.metrics",
+    "continual_metrics": "metrics",
     # errors
-    "AnpycError": "anpyc.errors",
+    "AnpycError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def _load(module: str) -> Any:
+    """The submodule ``module``, by a literal import: nothing in the core imports code by a string."""
+    match module:
+        case "learner":
+            from . import learner as m
+        case "config":
+            from . import config as m
+        case "task":
+            from . import task as m
+        case "backbones":
+            from . import backbones as m
+        case "structure":
+            from . import structure as m
+        case "masks":
+            from . import masks as m
+        case "importance":
+            from . import importance as m
+        case "consolidation":
+            from . import consolidation as m
+        case "metrics":
+            from . import metrics as m
+        case "errors":
+            from . import errors as m
+        case _:
+            raise AttributeError(module)
+    return m
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'anpyc' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_load(module), name)
     globals()[name] = value
     return value
 

@@ -22,9 +22,13 @@ import torch
 from .config import ConsolidationConfig
 from .registry import Registry
 
-__all__ = ["CONSOLIDATION", "Consolidation", "create_consolidation"]
+__all__ = ["CONSOLIDATION", "ACCUMULATE", "Consolidation", "create_consolidation"]
 
 CONSOLIDATION: Registry = Registry("consolidation rule")
+# how a task's importance joins the consolidated importance of the tasks before it (importance.accumulate)
+ACCUMULATE: Registry = Registry("importance accumulation")
+ACCUMULATE.register("sum", torch.add, help="Omega <- Omega + Omega_t (the original with pruning)")
+ACCUMULATE.register("max", torch.maximum, help="Omega <- max(Omega, Omega_t) (the original without pruning)")
 
 
 def _sample_quantile(values: list[torch.Tensor], q: float, limit: int = 1 << 20) -> float:

@@ -15,7 +15,6 @@ gives it ownership, the registries give it importance, consolidation and pruning
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset
 
 from . import __version__
+from .backbones import as_trunk, backbone_record, create_backbone, custom_record, name_from_record
 from .config import LearnerConfig, from_dict, method_config, to_dict
-from .consolidation import create_consolidation
+from .consolidation import ACCUMULATE, create_consolidation
 from .dist import DistContext, check_device, context
 from .errors import ConfigError, DataError, ModelError, RunDirError, StateFileError, TrainingDiverged
 from .flops import count_flops
@@ -38,15 +38,15 @@ from .masked import MaskedModel
 from .masks import FREE, ElementSpace, MaskSpace, UnitSpace, load_masks, save_masks
 from .metrics import continual_metrics
 from .pruning import PRUNING
-from .rundir import RunDir
+from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
 from .structure import Structure, feature_count, kept_positions, slice_trunk, walk
 from .task import InputSpec, Task
 from .training import derive_seed, evaluate, make_loader, make_optimizer, take_batches, train_epoch
 
-__all__ = ["ContinualLearner", "Callback", "TaskModel", "DEFAULT_FACTORY"]
+__all__ = ["ContinualLearner", "Callback", "TaskModel"]
 
-DEFAULT_FACTORY = "anpyc.adapters.backbones:create_backbone"
 MAX_TASKS = FREE  # owner ids are uint8; 255 means free
+PHASES = ("train", "prune", "consolidate", "done")  # where a task stands (state.json's cursor)
 
 
 class Callback:
@@ -69,14 +69,6 @@ class TaskModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x))
-
-
-def _load_factory(spec: str) -> Callable[..., nn.Module]:
-    module, _, fn = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), fn)
-    except (ImportError, AttributeError) as e:
-        raise ModelError(f"cannot load backbone factory {spec!r} ({e})", "install the package that provides it")
 
 
 def _joint_dataset(datasets: list[tuple[int, Dataset]]) -> Dataset:
@@ -133,21 +125,15 @@ class ContinualLearner:
         model_kwargs = dict(model_kwargs or {})
         torch.manual_seed(derive_seed(config.seed, "init"))
         if isinstance(model, str):
-            factory = (_resume or {}).get("backbone", {}).get("factory") or DEFAULT_FACTORY
-            trunk = _load_factory(factory)(model, input_spec=input_spec, **model_kwargs)
-            self.backbone = {"factory": factory, "name": model, "kwargs": model_kwargs}
+            trunk = create_backbone(model, input_spec=input_spec, **model_kwargs)
+            self.backbone = backbone_record(model, model_kwargs)
         elif isinstance(model, nn.Module):
             trunk = model
-            arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-            self.backbone = dict((_resume or {}).get("backbone") or {
-                "factory": None, "name": arch or type(model).__name__, "kwargs": {},
-                "class": f"{type(model).__module__}.{type(model).__qualname__}"})
+            self.backbone = dict((_resume or {}).get("backbone") or custom_record(model))
         else:
             raise ModelError(f"model must be an nn.Module or a model name, got {type(model).__name__}",
                              "pass e.g. timm.create_model(name, num_classes=0) or a name like 'resnet18'")
-        if callable(getattr(trunk, "reset_classifier", None)) and getattr(trunk, "num_classes", 0):
-            trunk.reset_classifier(0)  # timm contract: the task heads are ours
-        trunk = trunk.to(self.device).float()
+        trunk = as_trunk(trunk).to(self.device).float()
         self.trunk = trunk
         example = torch.randn((2, *input_spec.shape), generator=torch.Generator().manual_seed(0)).to(self.device)
         self._example = example
@@ -426,12 +412,12 @@ class ContinualLearner:
         self._use_task(k)
         # consolidate: the task's importance joins the accumulated importance; freed elements drop theirs
         scores = self._element_importance(task, k)
-        acc = self.config.importance.accumulate
+        acc = ACCUMULATE.get(self.config.importance.accumulate)
         owned = {n: self.space.element_owner(n, tuple(p.shape)) for n, p in self.trunk.named_parameters()}
         for n, s in scores.items():
             s = s * (owned[n] != FREE).to(s.device)
             prev = self.omega.get(n)
-            self.omega[n] = s if prev is None else (torch.maximum(prev, s) if acc == "max" else prev + s)
+            self.omega[n] = s if prev is None else acc(prev, s)
         for n in list(self.omega):
             self.omega[n] = self.omega[n] * (owned[n] != FREE).to(self.omega[n].device)
         # evaluate every task learned so far
@@ -638,7 +624,7 @@ class ContinualLearner:
 
     def _write_manifest_only(self) -> None:
         doc = self._manifest()
-        doc.update({"format": "anpyc.run", "version": 1, "generation": None, "files": {}})
+        doc.update({"format": RUN_FORMAT, "version": RUN_VERSION, "generation": None, "files": {}})
         atomic_write_json(self.run.path / "run.json", doc)
 
     def save(self, *, optimizer: bool = False) -> None:
@@ -712,16 +698,17 @@ class ContinualLearner:
             backbone = manifest["backbone"]
         except (KeyError, TypeError) as e:
             raise RunDirError(f"run manifest in {out_dir} is incomplete ({e})", "re-create the run") from None
-        lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
-        run = RunDir(out_dir, create=lock, lock=lock)
+        # everything the files choose is checked before the run directory is touched (locked, cleaned)
+        named = name_from_record(backbone, f"run {out_dir}")
         if model is None:
-            if not backbone.get("factory"):
+            if named is None:
                 raise ModelError(f"run {out_dir} was trained on a custom module ({backbone.get('class')})",
                                  "pass the same module: ContinualLearner.resume(dir, model=...)")
-            model = backbone["name"]
-            kwargs = backbone.get("kwargs") or {}
+            model, kwargs = named
         else:
             kwargs = None
+        lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
+        run = RunDir(out_dir, create=lock, lock=lock)
         learner = cls(model, input_spec=spec, out_dir=out_dir if lock else None, config=config,
                       model_kwargs=kwargs, callbacks=callbacks,
                       _resume={"run": run if lock else None, "backbone": backbone, "layout": manifest.get("layout")})
@@ -754,6 +741,10 @@ class ContinualLearner:
                 own[n].copy_(t.to(own[n].device))
         load_masks(d / "masks.safetensors", self.space)
         state = read_json(d / "state.json", what="run state")
+        phase = (state.get("cursor") or {}).get("phase") if isinstance(state, dict) else None
+        if phase not in PHASES:
+            raise StateFileError(f"run state in {d} has cursor phase {str(phase)[:40]!r}, not one of {list(PHASES)}",
+                                 "restore the run or re-train")
         self.cursor, self.tasks = state["cursor"], state["tasks"]
         self.acc_test, self.acc_val, self.history = state["acc_test"], state["acc_val"], state["history"]
         heads, _ = load_tensors(d / "heads.safetensors", fmt="anpyc.heads")

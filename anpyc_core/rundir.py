@@ -33,10 +33,14 @@ from typing import Any, Callable
 from .errors import RunDirError
 from .io import atomic_write_json, read_json, sha256_file
 
-__all__ = ["RunDir", "RUN_FORMAT", "RUN_VERSION"]
+__all__ = ["RunDir", "RUN_FORMAT", "RUN_VERSION", "RUN_READS"]
 
 RUN_FORMAT = "anpyc.run"
-RUN_VERSION = 1
+RUN_VERSION = 2
+# version 1 recorded a named backbone with the importable factory that built it ({"factory": "module:function"});
+# version 2 records only its name ({"source": "name" | "custom"}): a file must not name code. Both are read (the
+# one factory string version 1 ever wrote is read as a name, see anpyc.backbones.name_from_record).
+RUN_READS = (1, 2)
 
 
 class RunDir:
@@ -111,8 +115,9 @@ class RunDir:
         if not isinstance(m, dict) or m.get("format") != RUN_FORMAT:
             raise RunDirError(f"{self.manifest_path} is not an anpyc run manifest",
                               "pass the directory given to --out when training")
-        if m.get("version") != RUN_VERSION:
-            raise RunDirError(f"run {self.path} has format version {m.get('version')}, this anpyc reads {RUN_VERSION}",
+        if m.get("version") not in RUN_READS:
+            raise RunDirError(f"run {self.path} has format version {m.get('version')}, this anpyc reads "
+                              f"{list(RUN_READS)}",
                               "use the anpyc version that wrote it")
         return m
 

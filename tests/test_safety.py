@@ -45,6 +45,138 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
     return [f"{filename}:{x}" for x in found]
 
 
+DYNAMIC_IMPORTS = ("importlib.import_module", "import_module", "__import__", "importlib.__import__",
+                   "pkgutil.resolve_name", "resolve_name", "runpy.run_module", "runpy.run_path",
+                   "importlib.util.spec_from_file_location", "spec_from_file_location", "SourceFileLoader")
+
+
+def _literal(node: ast.AST) -> bool:
+    """A literal made of strings, numbers and containers of them (a table written in the code)."""
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return all(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(k is not None and _literal(k) for k in node.keys) and all(_literal(v) for v in node.values)
+    return False
+
+
+def _literal_tables(tree: ast.Module) -> set[str]:
+    """Module-level names bound to a literal table."""
+    names = set()
+    for node in tree.body:
+        targets, value = [], None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        if value is not None and _literal(value):
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def _from_table(expr: ast.AST, tables: set[str]) -> bool:
+    """``TABLE``, ``TABLE[...]``, ``TABLE.get(...)``, ``TABLE.items()/values()/keys()`` of a literal table."""
+    if isinstance(expr, ast.Name):
+        return expr.id in tables
+    if isinstance(expr, ast.Subscript):
+        return _from_table(expr.value, tables)
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute) \
+            and expr.func.attr in ("get", "items", "values", "keys"):
+        return _from_table(expr.func.value, tables)
+    return False
+
+
+def _bound_from_tables(scope: ast.AST, name: str, tables: set[str]) -> bool:
+    """Every binding of ``name`` in ``scope`` takes its value from a literal table (or a literal)."""
+    bindings = []
+    for node in ast.walk(scope):
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            bindings.append(_literal(node.value) or _from_table(node.value, tables))
+        elif isinstance(node, (ast.For, ast.comprehension)):
+            target = node.target
+            names = [t.id for t in ast.walk(target) if isinstance(t, ast.Name)]
+            if name in names:
+                bindings.append(_from_table(node.iter, tables))
+    return bool(bindings) and all(bindings)
+
+
+def dynamic_imports(source: str, filename: str = "<src>") -> list[str]:
+    """Imports whose module name is computed at run time from anything but a table written in the code: a value
+    read from a file (a run's ``module:function``, a manifest field) must never choose what is imported."""
+    tree = ast.parse(source, filename)
+    tables = _literal_tables(tree)
+    calls: list[tuple[ast.Call, ast.AST]] = []  # (call, innermost enclosing function or the module)
+
+    def visit(node: ast.AST, scope: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) else scope
+            if isinstance(child, ast.Call) and ast.unparse(child.func) in DYNAMIC_IMPORTS and child.args:
+                calls.append((child, scope))
+            visit(child, inner)
+
+    visit(tree, tree)
+    found = []
+    for node, scope in calls:
+        arg = node.args[0]
+        if _literal(arg) or _from_table(arg, tables):
+            continue
+        names = [n.id for n in ast.walk(arg) if isinstance(n, ast.Name)]
+        # a plain name, or an f-string of literal text and plain names
+        parts_ok = isinstance(arg, ast.Name) or isinstance(arg, ast.JoinedStr) and all(
+            isinstance(v, ast.Constant) or isinstance(v, ast.FormattedValue) and isinstance(v.value, ast.Name)
+            for v in arg.values)
+        if names and parts_ok and all(_bound_from_tables(scope, n, tables) or _bound_from_tables(tree, n, tables)
+                                      for n in names):
+            continue
+        found.append(f"{filename}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_dynamic_import_scanner_has_teeth():
+    bad = ("import importlib, json\n"
+           "def load(path):\n"
+           "    spec = json.load(open(path))['backbone']['factory']\n"
+           "    mod, _, fn = spec.partition(':')\n"
+           "    return getattr(importlib.import_module(mod), fn)\n"
+           "def other(doc):\n"
+           "    return __import__(doc['module'])\n")
+    assert len(dynamic_imports(bad)) == 2
+    good = ("import importlib\n"
+            "TABLE = {'a': 'anpyc.learner', 'b': 'anpyc.config'}\n"
+            "COMMANDS = (('train', 'train'), ('eval', 'eval'))\n"
+            "def f(name):\n"
+            "    module = TABLE.get(name)\n"
+            "    return importlib.import_module(module)\n"
+            "for _n, _m in COMMANDS:\n"
+            "    importlib.import_module(f'anpyc.cli.commands.{_m}')\n"
+            "importlib.import_module('anpyc.export')\n")
+    assert dynamic_imports(good) == []
+
+
+def test_source_imports_no_code_named_by_data():
+    hits = []
+    for folder in SOURCES:
+        for path in (ROOT / folder).rglob("*.py"):
+            hits += dynamic_imports(path.read_text(), str(path.relative_to(ROOT)))
+    assert hits == []
+
+
+def test_core_imports_nothing_by_string():
+    """The engine imports only with import statements: no import_module/__import__ at all in anpyc_core/."""
+    hits = []
+    for path in (ROOT / "anpyc_core").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        hits += [f"{path.name}:{n.lineno}" for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and ast.unparse(n.func) in DYNAMIC_IMPORTS]
+    assert hits == []
+
+
+def test_every_public_name_resolves():
+    for name in anpyc.__all__:
+        assert getattr(anpyc, name) is not None, name
+
+
 def test_scanner_has_teeth():
     bad = "import pickle\nimport torch, yaml, numpy as np\ntorch.load('x')\nnp.load('y', allow_pickle=True)\n" \
           "yaml.load(s)\neval('1')\ntorch.load('z', weights_only=True)\n"
