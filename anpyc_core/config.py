@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .registry import Registry
 
 __all__ = [
+    "validate",
     "OptimConfig",
     "ImportanceConfig",
     "PruneConfig",
@@ -28,6 +29,28 @@ __all__ = [
     "to_dict",
     "override",
 ]
+
+
+# ----------------------------------------------------------------------------------------------- validation
+# Every value that picks a behaviour is checked against the registry that implements it when a config is built,
+# and numbers against their valid range, so a typo fails at once with the valid choices instead of deep in a run.
+
+def _choice(key: str, value: Any, registry: Any) -> None:
+    if value not in registry:
+        raise ConfigError(f"config key {key!r} has unknown value {value!r}",
+                          f"choose one of: {', '.join(sorted(registry))}")
+
+
+def _range(key: str, value: float, *, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> None:
+    bad = (low is not None and (value <= low if low_open else value < low)) or \
+          (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        span = f"{lo}, {hi}" if low is not None and high is not None else (f">{'' if low_open else '='} {low:g}"
+                                                                           if low is not None else f"<= {high:g}")
+        raise ConfigError(f"config key {key!r} is {value!r}, outside its valid range {span}", f"set {key} within it")
 
 
 @dataclass(frozen=True)
@@ -43,6 +66,18 @@ class OptimConfig:
     grad_clip: float = 0.0  # 0 disables clipping
     dropout: float = 0.0  # dropout on the features before the task head
 
+    def __post_init__(self) -> None:
+        from .training import OPTIMIZERS
+
+        _choice("optim.name", self.name, OPTIMIZERS)
+        _range("optim.lr", self.lr, low=0, low_open=True)
+        _range("optim.momentum", self.momentum, low=0, high=1, high_open=True)
+        _range("optim.weight_decay", self.weight_decay, low=0)
+        _range("optim.batch_size", self.batch_size, low=1)
+        _range("optim.epochs", self.epochs, low=0)
+        _range("optim.grad_clip", self.grad_clip, low=0)
+        _range("optim.dropout", self.dropout, low=0, high=1, high_open=True)
+
 
 @dataclass(frozen=True)
 class ImportanceConfig:
@@ -52,6 +87,15 @@ class ImportanceConfig:
     max_batches: int = 16  # 0 = the whole training set
     batch_size: int = 64
     accumulate: str = "sum"  # sum | max   (how a task's scores add to the consolidated importance)
+
+    def __post_init__(self) -> None:
+        from .consolidation import ACCUMULATE
+        from .importance import IMPORTANCE
+
+        _choice("importance.measure", self.measure, IMPORTANCE)
+        _choice("importance.accumulate", self.accumulate, ACCUMULATE)
+        _range("importance.max_batches", self.max_batches, low=0)
+        _range("importance.batch_size", self.batch_size, low=1)
 
 
 @dataclass(frozen=True)
@@ -81,6 +125,21 @@ class PruneConfig:
     prune_final: bool = True
     min_units_per_group: int = 1
 
+    def __post_init__(self) -> None:
+        from .masks import MASK_SPACES
+        from .pruning import PRUNING
+
+        _choice("prune.mode", self.mode, PRUNING)
+        _choice("prune.granularity", self.granularity, MASK_SPACES)
+        _range("prune.tolerance", self.tolerance, low=0, high=1)
+        _range("prune.step", self.step, low=0, high=1, low_open=True)
+        _range("prune.min_step", self.min_step, low=0, high=1, low_open=True)
+        _range("prune.max_ratio", self.max_ratio, low=0, high=1)
+        _range("prune.first_ratio", self.first_ratio, low=0, high=1)
+        _range("prune.decay", self.decay, low=0, low_open=True)
+        _range("prune.retrain_epochs", self.retrain_epochs, low=0)
+        _range("prune.min_units_per_group", self.min_units_per_group, low=1)
+
 
 @dataclass(frozen=True)
 class ConsolidationConfig:
@@ -94,6 +153,16 @@ class ConsolidationConfig:
     rule: str = "gate"
     strength: float = 100.0
     gate_quantile: float = 0.5
+
+    def __post_init__(self) -> None:
+        from .consolidation import CONSOLIDATION
+
+        _choice("consolidation.rule", self.rule, CONSOLIDATION)
+        _range("consolidation.strength", self.strength, low=0)
+        _range("consolidation.gate_quantile", self.gate_quantile, low=0, high=1, low_open=True)
+
+
+REPLAY = ("none", "all")  # all: joint training on every task seen so far (the upper bound)
 
 
 @dataclass(frozen=True)
@@ -113,6 +182,14 @@ class LearnerConfig:
     eval_batch_size: int = 256
     checkpoint_epochs: bool = True  # checkpoint after every epoch, not only after every phase
     verify_structure: bool = True  # parity-check every unit group at walk time, drop the ones that fail
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or not self.method:
+            raise ConfigError(f"config key 'method' must be a non-empty string, got {self.method!r}",
+                              'write e.g. method = "anpyc"')
+        _choice("replay", self.replay, REPLAY)
+        _range("threads", self.threads, low=0)
+        _range("eval_batch_size", self.eval_batch_size, low=1)
 
     def replace(self, **changes: Any) -> "LearnerConfig":
         return dataclasses.replace(self, **changes)

@@ -20,9 +20,10 @@ import torch
 
 from .errors import StateFileError
 from .io import load_tensors, save_tensors
+from .registry import Registry
 from .structure.units import Structure
 
-__all__ = ["FREE", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "schema_tasks",
+__all__ = ["FREE", "MASK_SPACES", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "schema_tasks",
            "MASKS_FORMAT", "MASKS_VERSION", "MASKS_READS"]
 
 FREE = 255
@@ -294,6 +295,11 @@ class ElementSpace(MaskSpace):
             "num_units": self.num_units,
             "tensors": [{"name": n, "shape": list(self.shapes[n]), "offset": self.offsets[n]} for n in self.names],
         }
+
+
+MASK_SPACES: Registry = Registry("mask granularity")
+MASK_SPACES.register("unit", UnitSpace, help="structured units from the structure walk (physically removable)")
+MASK_SPACES.register("element", ElementSpace, help="one owner per weight element (unstructured)")
 
 
 # ================================================================================================ files

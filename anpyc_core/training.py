@@ -21,8 +21,10 @@ from .consolidation import Consolidation
 from .dist import DistContext
 from .errors import TrainingDiverged
 from .importance import Importance
+from .registry import Registry
 
-__all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "train_epoch", "evaluate", "EpochResult", "take_batches"]
+__all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "OPTIMIZERS", "OptimizerRule", "train_epoch",
+           "evaluate", "EpochResult", "take_batches"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -65,15 +67,30 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
     return BatchPlan(dataset, tuple(batches))
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimiser of a phase. Weight decay is applied by the loop (only to elements no earlier task uses)."""
-    if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
-    if cfg.name in ("adam", "adamw"):
-        return torch.optim.Adam(params, lr=cfg.lr)
-    from .errors import ConfigError
+@dataclass(frozen=True)
+class OptimizerRule:
+    """How one optimiser name is built, and how weight decay is applied with it.
 
-    raise ConfigError(f"unknown optimizer {cfg.name!r}", "choose one of: sgd, adam, adamw")
+    The loop applies weight decay itself, only to elements no earlier task uses (an earlier task's weights must not
+    shrink): ``decoupled`` rules (AdamW) shrink the weights after the step, ``theta -= lr * wd * theta``; the others
+    (SGD, Adam) add the L2 gradient ``wd * theta`` before it, as torch's own ``weight_decay`` would.
+    """
+
+    build: Callable[[list[torch.nn.Parameter], OptimConfig], torch.optim.Optimizer]
+    decoupled: bool = False
+
+
+OPTIMIZERS: Registry = Registry("optimizer")
+OPTIMIZERS.register("sgd", OptimizerRule(lambda p, c: torch.optim.SGD(p, lr=c.lr, momentum=c.momentum)),
+                    help="SGD (optim.momentum), L2 weight decay")
+OPTIMIZERS.register("adam", OptimizerRule(lambda p, c: torch.optim.Adam(p, lr=c.lr)), help="Adam, L2 weight decay")
+OPTIMIZERS.register("adamw", OptimizerRule(lambda p, c: torch.optim.AdamW(p, lr=c.lr, weight_decay=0.0),
+                                           decoupled=True), help="AdamW, decoupled weight decay")
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser of a phase (:data:`OPTIMIZERS`). Weight decay is applied by the loop (see :class:`OptimizerRule`)."""
+    return OPTIMIZERS.get(cfg.name).build(params, cfg)
 
 
 @dataclass
@@ -103,6 +120,8 @@ def train_epoch(
     correct = seen = 0
     n = 0
     trainable = [p for p in optimizer.param_groups[0]["params"]]
+    decay = cfg.weight_decay > 0 and decay_mask is not None
+    decoupled = OPTIMIZERS.get(cfg.name).decoupled
     for batch, weight in loader:
         x, y = batch[0].to(device), batch[1].to(device)
         logits = forward(x, batch)
@@ -124,12 +143,17 @@ def train_epoch(
         consolidation.gate(params)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        optimizer.step()
-        if cfg.weight_decay > 0 and decay_mask is not None:
+        if decay and not decoupled:
             with torch.no_grad():
-                factor = cfg.lr * cfg.weight_decay
                 for name, m in decay_mask.items():
-                    params[name].sub_(params[name] * m, alpha=factor)
+                    g = params[name].grad
+                    if g is not None:
+                        g.add_(params[name] * m, alpha=cfg.weight_decay)
+        optimizer.step()
+        if decay and decoupled:
+            with torch.no_grad():
+                for name, m in decay_mask.items():
+                    params[name].sub_(params[name] * m, alpha=cfg.lr * cfg.weight_decay)
         consolidation.after_step(params)
         tracker.after_step(params)
         if weight > 0:

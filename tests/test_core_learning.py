@@ -141,7 +141,7 @@ def test_batchnorm_statistics_follow_the_parameters(method):
         assert not all(same)  # task 0's own statistics, not the ones task 1 ended with
 
 
-@pytest.mark.parametrize("optim", ["sgd", "adam"])
+@pytest.mark.parametrize("optim", ["sgd", "adam", "adamw"])
 def test_hard_rule_keeps_old_elements_exact_between_restores(optim):
     """The hard rule restores old elements once per epoch; in between, zeroed gradients must not move them."""
     from anpyc.config import OptimConfig
