@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import types
@@ -68,8 +67,6 @@ def test_check_reports_ok_and_not_ok(stand_in_checker):
     assert r.exit_code == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("anpyc.export.check") is None,
-                    reason="WAITING: anpyc.export.check (the coverage checker) is not in the tree yet")
 def test_check_with_the_real_checker(tmp_path):
     r = invoke("check", "test_resnet", "--out", tmp_path / "check", "--steps", "1", "--threads", "1")
     assert r.exit_code == 0, r.output

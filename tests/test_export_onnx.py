@@ -318,8 +318,7 @@ def test_cli_export_with_stand_in_learner(tmp_path, monkeypatch):
 
 def test_cli_export_real_learner_run(tmp_path):
     """The real learner: a 2-task pruned test_resnet run, exported through the CLI, parity vs the learner."""
-    learner_mod = pytest.importorskip(
-        "anpyc.learner", reason="WAITING: anpyc.learner (ContinualLearner) is not importable yet; this test then runs")
+    import anpyc.learner as learner_mod
     run = _tiny_real_run(learner_mod, tmp_path / "run")
     from anpyc.cli.app import app
 
