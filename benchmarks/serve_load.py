@@ -243,7 +243,7 @@ def write_section(res: dict, command: str) -> None:
         current = head + text + rest.split("<!-- serve:end -->", 1)[1]
     else:
         current = current.rstrip() + "\n\n" + text + "\n"
-    from anpyc.io import atomic_write_bytes
+    from anpyc.fileio import atomic_write_bytes
 
     atomic_write_bytes(path, current.encode())
 

@@ -143,7 +143,7 @@ def read_source(run: Path) -> DataSource | None:
 
 
 def write_source(run: Path, source: DataSource) -> Path:
-    from anpyc.io import atomic_write_json
+    from anpyc.fileio import atomic_write_json
 
     path = Path(run) / DATA_FILE
     atomic_write_json(path, source.to_dict())

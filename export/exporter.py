@@ -20,11 +20,12 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 import torch
 
 from anpyc.errors import ModelError
-from anpyc.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from anpyc.fileio import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from anpyc.task import InputSpec
 
 from . import onnx as _onnx
 from .errors import ExportDirError, ParityError, UnknownTaskError
+from .formats import MANIFEST_FORMAT, MANIFEST_VERSION, SIDECAR_FORMAT, SIDECAR_VERSION
 
 __all__ = [
     "ExportSource",
@@ -40,10 +41,6 @@ __all__ = [
     "PARITY_BATCH_SIZES",
 ]
 
-SIDECAR_FORMAT = "anpyc.export"
-SIDECAR_VERSION = 1
-MANIFEST_FORMAT = "anpyc.export.manifest"
-MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 # Batch sizes of the random parity inputs: 1 and >1, so a batch dimension that was traced as a constant fails.
 PARITY_BATCH_SIZES: tuple[int, ...] = (1, 3, 2)

@@ -71,7 +71,7 @@ def quantize_task(export_dir: str | os.PathLike, task: int, *, mode: str = "auto
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
                                           quantize_static)
 
-    from anpyc.io import atomic_write_bytes, atomic_write_json, sha256_file
+    from anpyc.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
     if mode not in QUANT_MODES:
         raise DataError(f"unknown quantization mode {mode!r}", f"use one of {list(QUANT_MODES)}")
@@ -196,7 +196,7 @@ def compare_int8(export_dir: str | os.PathLike, task: int, inputs: Any, labels: 
         "bytes_int8": int(int8.sidecar(t)["int8"]["onnx_bytes"]),
     })
     if record:
-        from anpyc.io import atomic_write_json
+        from anpyc.fileio import atomic_write_json
 
         full = int8.sidecar(t)
         full = dict(full, int8=dict(full["int8"], evaluation=result))

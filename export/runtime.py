@@ -12,7 +12,6 @@ directory. Images are preprocessed exactly like timm's eval transform
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -25,15 +24,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from anpyc.errors import DataError
+from anpyc.fileio import read_json, sha256_file
 from anpyc.task import InputSpec
 
 from .errors import ExportDirError, ImageReadError, InputShapeError, UnknownTaskError
+from .formats import MANIFEST_FORMAT, READ_VERSIONS, SIDECAR_FORMAT
 
 __all__ = ["ExportedModels", "load_export", "make_session", "preprocess_image", "softmax"]
 
-SIDECAR_FORMAT = "anpyc.export"  # kept in sync with exporter.SIDECAR_FORMAT (that module imports torch)
-MANIFEST_FORMAT = "anpyc.export.manifest"
-READ_VERSIONS = (1,)
 _CHUNK = 64  # samples per onnxruntime call, bounds memory on big batches
 
 # timm's interpolation names -> PIL filters (timm.data.transforms._str_to_pil_interpolation).
@@ -60,22 +58,10 @@ def make_session(path: str | os.PathLike, *, threads: int = 1):
     return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _sha256(path: Path) -> str:
-    # hashlib directly: anpyc.io.sha256_file would import torch (anpyc.io serialises tensors).
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise ExportDirError(f"{what} {path} is missing", "export the run first: anpyc export RUN --out DIR")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ExportDirError(f"{what} {path} is not valid JSON", "re-export the run with anpyc export") from None
+    return read_json(path, what=what, error=ExportDirError,
+                     missing_fix="export the run first: anpyc export RUN --out DIR",
+                     invalid_fix="re-export the run with anpyc export")
 
 
 def _inside(root: Path, name: Any, what: str) -> Path:
@@ -379,7 +365,7 @@ def _load_sidecar(root: Path, entry: Any) -> dict[str, Any]:
         onnx_path = _inside(root, name, f"the ONNX file of task {task}")
         if not onnx_path.is_file():
             raise ExportDirError(f"the ONNX file {name} of task {task} is missing", "re-export the task")
-        actual = _sha256(onnx_path)
+        actual = sha256_file(onnx_path)
         if actual != digest:
             raise ExportDirError(f"{name} does not match its sidecar (sha256 {actual[:12]}... != "
                                  f"{str(digest)[:12]}...): the file was modified or replaced",
