@@ -26,7 +26,7 @@ from .errors import ModelError, RunDirError
 from .registry import Registry
 from .task import InputSpec
 
-__all__ = ["BACKBONES", "create_backbone", "list_backbones", "is_known", "MLP", "SimpleCNN", "as_trunk",
+__all__ = ["BACKBONES", "create_backbone", "list_backbones", "is_known", "MLP", "SimpleCNN", "as_trunk", "build_trunk",
            "backbone_record", "custom_record", "name_from_record", "WEIGHT_OPTIONS", "LEGACY_FACTORY"]
 
 BACKBONES: Registry = Registry("backbone")
@@ -192,6 +192,19 @@ def as_trunk(model: nn.Module) -> nn.Module:
     if callable(getattr(model, "reset_classifier", None)) and getattr(model, "num_classes", 0):
         model.reset_classifier(0)
     return model
+
+
+def build_trunk(model: nn.Module | str, input_spec: InputSpec, kwargs: dict[str, Any] | None,
+                record: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """The trunk a learner trains (a name built here, or the caller's module) and its run.json record (``record``:
+    the one a run saved, kept for a custom module given back by the caller)."""
+    kwargs = dict(kwargs or {})
+    if isinstance(model, str):
+        return as_trunk(create_backbone(model, input_spec=input_spec, **kwargs)), backbone_record(model, kwargs)
+    if isinstance(model, nn.Module):
+        return as_trunk(model), dict(record or custom_record(model))
+    raise ModelError(f"model must be an nn.Module or a model name, got {type(model).__name__}",
+                     "pass e.g. timm.create_model(name, num_classes=0) or a name like 'resnet18'")
 
 
 # ------------------------------------------------------------------------------------------------ run.json record

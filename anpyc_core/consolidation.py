@@ -22,7 +22,7 @@ import torch
 from .config import ConsolidationConfig
 from .registry import Registry
 
-__all__ = ["CONSOLIDATION", "ACCUMULATE", "Consolidation", "create_consolidation"]
+__all__ = ["CONSOLIDATION", "ACCUMULATE", "Consolidation", "create_consolidation", "accumulate_omega"]
 
 CONSOLIDATION: Registry = Registry("consolidation rule")
 # how a task's importance joins the consolidated importance of the tasks before it (importance.accumulate)
@@ -139,3 +139,17 @@ class Hard(Consolidation):
 
 def create_consolidation(cfg: ConsolidationConfig) -> Consolidation:
     return CONSOLIDATION.get(cfg.rule)(cfg)
+
+
+def accumulate_omega(omega: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
+                     owned: dict[str, torch.Tensor], rule: str) -> dict[str, torch.Tensor]:
+    """The consolidated importance after a task: its ``scores`` join ``omega`` by ``ACCUMULATE[rule]``, and every
+    element no task owns any more (``owned[name]`` is False: released to the free pool) drops its importance."""
+    acc = ACCUMULATE.get(rule)
+    out = dict(omega)
+    for n, s in scores.items():
+        s = s * owned[n].to(s.device)
+        prev = out.get(n)
+        out[n] = s if prev is None else acc(prev, s)
+    return {n: v * owned[n].to(v.device) for n, v in out.items()}
+

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-__all__ = ["DistContext", "context", "check_device"]
+__all__ = ["DistContext", "context", "check_device", "wrap_ddp"]
 
 from .errors import ConfigError
 
@@ -99,3 +99,14 @@ def check_device(device: str) -> None:
                           "use --device cpu (config: device = 'cpu')")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {device!r} is not supported", "use cpu, cuda, cuda:N or mps")
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, device: torch.device):
+    """DistributedDataParallel over ``model`` under torchrun (None in a single process)."""
+    if not ctx.enabled:
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True, broadcast_buffers=False)
+

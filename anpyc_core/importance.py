@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from .registry import Registry
 
-__all__ = ["IMPORTANCE", "Importance", "EntropyTaylor", "Magnitude", "Fisher", "MAS", "SI", "create_importance"]
+__all__ = ["IMPORTANCE", "Importance", "EntropyTaylor", "Magnitude", "Fisher", "MAS", "SI", "create_importance",
+           "task_importance"]
 
 IMPORTANCE: Registry = Registry("importance measure")
 
@@ -175,3 +176,17 @@ class SI(Importance):
 
 def create_importance(name: str) -> Importance:
     return IMPORTANCE.get(name)()
+
+
+def task_importance(measure: Importance, forward: Forward, params: dict[str, torch.Tensor], dataset, cfg, seed: int,
+                    device: torch.device, ctx) -> dict[str, torch.Tensor]:
+    """``measure``'s element scores of ``params`` on up to ``cfg.max_batches`` seeded batches of ``dataset``
+    (``cfg``: an :class:`~anpyc.config.ImportanceConfig`), averaged across ranks under torchrun."""
+    from .training import take_batches
+
+    batches = take_batches(dataset, cfg.batch_size, cfg.max_batches, seed, device, ctx)
+    scores = measure.compute(forward, params, batches)
+    for s in scores.values():
+        ctx.all_reduce_mean_(s)
+    return scores
+

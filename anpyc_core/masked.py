@@ -22,20 +22,21 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["MaskedModel", "masked_layer_norm", "masked_group_norm", "masked_rms_norm"]
+__all__ = ["MaskedModel", "masked_layer_norm", "masked_group_norm", "masked_rms_norm", "along"]
 
 
 # ================================================================================================ masked norms
 
-def _bshape(mask: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+def along(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """The vector ``v`` shaped to broadcast along dimension ``dim`` of an ``ndim``-d tensor."""
     shape = [1] * ndim
-    shape[dim] = mask.numel()
-    return mask.view(shape)
+    shape[dim] = v.numel()
+    return v.view(shape)
 
 
 def masked_layer_norm(x, mask, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dimension, statistics over the positions where ``mask`` is 1."""
-    m = _bshape(mask.to(x.dtype), x.ndim, x.ndim - 1)
+    m = along(mask.to(x.dtype), x.ndim, x.ndim - 1)
     k = m.sum()
     mu = (x * m).sum(-1, keepdim=True) / k
     xc = (x - mu) * m
@@ -49,7 +50,7 @@ def masked_layer_norm(x, mask, weight=None, bias=None, eps=1e-5):
 
 
 def masked_rms_norm(x, mask, weight=None, eps=None):
-    m = _bshape(mask.to(x.dtype), x.ndim, x.ndim - 1)
+    m = along(mask.to(x.dtype), x.ndim, x.ndim - 1)
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     ms = (x * x * m).sum(-1, keepdim=True) / m.sum()
     y = x * m * torch.rsqrt(ms + eps)
@@ -59,7 +60,7 @@ def masked_rms_norm(x, mask, weight=None, eps=None):
 def masked_group_norm(x, num_groups, mask, weight=None, bias=None, eps=1e-5):
     """GroupNorm whose per-group statistics ignore masked channels."""
     b, c = x.shape[:2]
-    m = _bshape(mask.to(x.dtype), x.ndim, 1)
+    m = along(mask.to(x.dtype), x.ndim, 1)
     xg = (x * m).reshape(b, num_groups, -1)
     mg = m.expand_as(x[:1]).reshape(1, num_groups, -1)
     k = mg.sum(-1, keepdim=True)
@@ -68,9 +69,9 @@ def masked_group_norm(x, num_groups, mask, weight=None, bias=None, eps=1e-5):
     var = (xc * xc).sum(-1, keepdim=True) / k
     y = (xc * torch.rsqrt(var + eps)).reshape(x.shape)
     if weight is not None:
-        y = y * _bshape(weight, x.ndim, 1)
+        y = y * along(weight, x.ndim, 1)
     if bias is not None:
-        y = y + _bshape(bias, x.ndim, 1) * m
+        y = y + along(bias, x.ndim, 1) * m
     return y
 
 
@@ -84,7 +85,7 @@ def _channel_dims(x: torch.Tensor, dims: Any, size: int) -> tuple[tuple[int, ...
 
 
 def _masked_mean(x, dims, cdim, mask, keepdim):
-    m = _bshape(mask.to(x.dtype), x.ndim, cdim)
+    m = along(mask.to(x.dtype), x.ndim, cdim)
     count = m.sum()
     for d in dims:
         if d != cdim:

@@ -15,13 +15,16 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.nn as nn
 
 from .errors import StateFileError
-from .io import load_tensors, save_tensors
+from .tensorio import load_tensors, save_tensors
+from .masked import along
 from .registry import Registry
-from .structure.units import Structure
+from .structure import Structure, kept_positions, slice_trunk, walk
 
 __all__ = ["FREE", "MASK_SPACES", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "schema_tasks",
            "MASKS_FORMAT", "MASKS_VERSION", "MASKS_READS"]
@@ -34,17 +37,23 @@ MASKS_VERSION = 2
 MASKS_READS = (1, 2)
 
 
-def _bshape(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    shape = [1] * ndim
-    shape[dim] = v.numel()
-    return v.view(shape)
-
-
 class MaskSpace(ABC):
     """Owners of the units of one trunk, and the masks they imply."""
 
     granularity: str
     owners: torch.Tensor  # uint8, one per unit
+    structure: Structure | None = None  # the walk's unit groups (structured spaces)
+
+    @classmethod
+    @abstractmethod
+    def for_trunk(cls, trunk: nn.Module, example: torch.Tensor, *, num_features: int, verify: bool, seed: int,
+                  model_name: str | None, layout: list[dict] | None) -> "MaskSpace":
+        """The space of ``trunk``'s trainable parameters (``layout``: a saved unit layout to rebuild exactly)."""
+
+    def norm_modules(self) -> list[str]:
+        """Modules that normalise across channels of some unit (the masked model computes their statistics over
+        the kept channels only)."""
+        return []
 
     @property
     def num_units(self) -> int:
@@ -115,6 +124,25 @@ class MaskSpace(ABC):
     def schema(self) -> dict:
         """JSON-ready description of the units, stored in the mask file's metadata."""
 
+    # ------------------------------------------------------------------ pruning
+    def releasable(self, order: torch.Tensor, count: int, task: int, minimum: int) -> torch.Tensor:
+        """The first ``count`` units of ``order`` that may leave task ``task``'s subnetwork."""
+        return order[:max(count, 0)]
+
+    def on_release(self, params: dict[str, torch.Tensor], units: torch.Tensor) -> None:
+        """Called after ``units`` (a bool vector) returned to the free pool."""
+
+    # ------------------------------------------------------------------ subnetworks
+    @abstractmethod
+    def extract(self, trunk: nn.Module, head: nn.Linear, active: torch.Tensor) -> tuple[nn.Module, nn.Linear]:
+        """The standalone subnetwork of ``active`` units from a private copy of the trunk and head (modified)."""
+
+    @abstractmethod
+    def cost(self, sub: Callable[[], nn.Module], dense: nn.Module, active: torch.Tensor, example: torch.Tensor,
+             dense_flops: int) -> tuple[int, int]:
+        """``(parameters, FLOPs)`` of the subnetwork of ``active`` (``sub()`` builds it, ``dense`` is the whole
+        model as a ``trunk``/``head`` module)."""
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"owners": self.owners}
 
@@ -138,6 +166,46 @@ class UnitSpace(MaskSpace):
         self.param_names = param_names
         self.owners = torch.full((structure.num_units,), FREE, dtype=torch.uint8)
 
+    @classmethod
+    def for_trunk(cls, trunk, example, *, num_features, verify, seed, model_name, layout):
+        structure = walk(trunk, example, num_features=num_features, verify=verify, seed=seed, model_name=model_name,
+                         layout=layout)
+        return cls(structure, {n for n, p in trunk.named_parameters() if p.requires_grad})
+
+    def norm_modules(self) -> list[str]:
+        return list(self.structure.norm_units)
+
+    def releasable(self, order, count, task, minimum):
+        """Group minimums kept: a group never drops below ``minimum`` units of the task's subnetwork."""
+        if count <= 0:
+            return order[:0]
+        left = torch.zeros(len(self.structure.groups), dtype=torch.long)
+        left.index_add_(0, self.structure.unit_group, self.active(task).long())
+        picked = []
+        for u in order.tolist():
+            g = int(self.structure.unit_group[u])
+            if left[g] > minimum:
+                left[g] -= 1
+                picked.append(u)
+                if len(picked) >= count:
+                    break
+        return torch.tensor(picked, dtype=torch.long)
+
+    def extract(self, trunk, head, active):
+        trunk = slice_trunk(trunk, self.structure, active, inplace=True)
+        keep = kept_positions(self.structure.feature_unit_ids, active)
+        new_head = nn.Linear(len(keep), head.out_features)
+        with torch.no_grad():
+            new_head.weight.copy_(head.weight[:, keep])
+            new_head.bias.copy_(head.bias)
+        return trunk, new_head
+
+    def cost(self, sub, dense, active, example, dense_flops):
+        from .flops import count_flops, count_params
+
+        model = sub()
+        return count_params(model), count_flops(model, example)
+
     def _ext(self, values: torch.Tensor, fill) -> torch.Tensor:
         return torch.cat([values, torch.tensor([fill], dtype=values.dtype)])
 
@@ -153,7 +221,7 @@ class UnitSpace(MaskSpace):
                 m = ext[ids]
                 if bool(m.all()):
                     continue
-                m = _bshape(m.float(), len(shape), dim)
+                m = along(m.float(), len(shape), dim)
                 mask = m if mask is None else mask * m
             if mask is not None:
                 out[name] = mask
@@ -176,7 +244,7 @@ class UnitSpace(MaskSpace):
         ext = self._ext(self.owners, 0)
         owner = torch.zeros(shape, dtype=torch.uint8)
         for dim, ids in self.structure.tensor_units.get(name, {}).items():
-            owner = torch.maximum(owner, _bshape(ext[ids], len(shape), dim).expand(shape))
+            owner = torch.maximum(owner, along(ext[ids], len(shape), dim).expand(shape))
         return owner
 
     def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -189,7 +257,7 @@ class UnitSpace(MaskSpace):
                 m = ext[ids]
                 if not bool(m.any()):
                     continue
-                m = _bshape(m, len(shape), dim).expand(shape)
+                m = along(m, len(shape), dim).expand(shape)
                 mask = m.clone() if mask is None else mask | m
             if mask is not None:
                 out[name] = mask
@@ -241,6 +309,31 @@ class ElementSpace(MaskSpace):
             self.offsets[n] = off
             off += int(torch.tensor(self.shapes[n]).prod())
         self.owners = torch.full((off,), FREE, dtype=torch.uint8)
+
+    @classmethod
+    def for_trunk(cls, trunk, example, *, num_features, verify, seed, model_name, layout):
+        return cls({n: tuple(p.shape) for n, p in trunk.named_parameters() if p.requires_grad})
+
+    def on_release(self, params, units):
+        """The original zeroes released weights."""
+        with torch.no_grad():
+            for name, m in self.touched(units).items():
+                params[name].masked_fill_(m.to(params[name].device), 0.0)
+
+    def extract(self, trunk, head, active):
+        masks = self.tensor_masks(active)
+        with torch.no_grad():
+            for name, p in trunk.named_parameters():
+                if name in masks:
+                    p.mul_(masks[name].cpu())
+        return trunk, head
+
+    def cost(self, sub, dense, active, example, dense_flops):
+        """Kept elements (plus the head); unstructured masks remove no computation."""
+        masks = self.tensor_masks(active)
+        params = sum(int(masks[n].expand(p.shape).sum()) if n in masks else p.numel()
+                     for n, p in dense.trunk.named_parameters())
+        return params + sum(p.numel() for p in dense.head.parameters()), dense_flops
 
     def _view(self, values: torch.Tensor, name: str) -> torch.Tensor:
         shape = self.shapes[name]

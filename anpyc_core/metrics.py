@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-__all__ = ["continual_metrics", "acc", "bwt", "forgetting"]
+__all__ = ["continual_metrics", "run_metrics", "acc", "bwt", "forgetting"]
 
 Matrix = Sequence[Sequence[float | None]]
 
@@ -52,3 +52,29 @@ def continual_metrics(R: Matrix) -> dict:
         "mean_forgetting": sum(f) / len(f) if f else 0.0,
         "num_tasks": len(R),
     }
+
+
+def run_metrics(method: str, backbone: str, tasks: list[dict], acc_test: Matrix, acc_val: Matrix,
+                history: list[dict], num_units: int) -> dict:
+    """Everything a run reports (``metrics.json``): the accuracy matrices and their summary, and per task its
+    capacity, parameters, FLOPs, prune record and time (``history``: the learner's per-task records)."""
+    m = continual_metrics([row for row in acc_test]) if acc_test else {}
+    return {
+        "method": method,
+        "backbone": backbone,
+        "tasks": tasks,
+        "accuracy_matrix": acc_test,
+        "val_accuracy_matrix": acc_val,
+        **m,
+        "capacity": [h["capacity"] for h in history],
+        "capacity_params": [h["capacity_params"] for h in history],
+        "owned_units": [h["owned_units"] for h in history],
+        "task_params": [h["params"] for h in history],
+        "task_flops": [h["flops"] for h in history],
+        "dense_params": history[-1]["dense_params"] if history else None,
+        "dense_flops": history[-1]["dense_flops"] if history else None,
+        "prune": [h["prune"] for h in history],
+        "seconds": [h["seconds"] for h in history],
+        "num_units": num_units,
+    }
+

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import RunDirError
-from .io import atomic_write_json, read_json, sha256_file
+from .fileio import atomic_write_json, read_json, sha256_file
 
 __all__ = ["RunDir", "RUN_FORMAT", "RUN_VERSION", "RUN_READS"]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-__all__ = ["InputSpec", "Task", "TaskStream"]
+from .errors import DataError
+
+__all__ = ["InputSpec", "Task", "TaskStream", "check_task"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,28 @@ class TaskStream:
     @staticmethod
     def of(name: str, tasks: Sequence[Task], input_spec: InputSpec) -> "TaskStream":
         return TaskStream(name, tuple(tasks), input_spec)
+
+
+def check_task(task: Any, spec: InputSpec, known: dict | None = None) -> None:
+    """``task`` is an anpyc :class:`Task` with training data whose inputs match ``spec`` in every split, and with
+    the classes it had when it was learned (``known``: its record, if it was)."""
+    if not isinstance(task, Task):
+        raise DataError(f"expected an anpyc Task, got {type(task).__name__}", "build tasks with anpyc.Task(...)")
+    if task.train is None or len(task.train) == 0:
+        raise DataError(f"task {task.id} ({task.name}) has no training samples", "give every task training data")
+    if task.num_classes < 1:
+        raise DataError(f"task {task.id} has no classes", "give every task at least one class")
+    x, _ = task.train[0][:2]
+    if tuple(x.shape) != tuple(spec.shape):
+        raise DataError(f"task {task.id} inputs have shape {tuple(x.shape)}, the model expects {tuple(spec.shape)}",
+                        "use the same input size for every task")
+    if known is not None and list(known["classes"]) != list(task.classes):
+        raise DataError(f"task {task.id} has {len(task.classes)} classes now but {len(known['classes'])} when it "
+                        f"was trained ({known['classes'][:5]}...)", "resume with the same data and class folders")
+    for split in (task.val, task.test):
+        if split is not None and len(split) > 0:
+            xs = split[0][0]
+            if tuple(xs.shape) != tuple(spec.shape):
+                raise DataError(f"task {task.id} val/test inputs have shape {tuple(xs.shape)}",
+                                "use the same input size for every split")
+

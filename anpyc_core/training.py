@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from .config import OptimConfig
@@ -24,7 +24,7 @@ from .importance import Importance
 from .registry import Registry
 
 __all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "OPTIMIZERS", "OptimizerRule", "train_epoch",
-           "evaluate", "EpochResult", "take_batches"]
+           "evaluate", "EpochResult", "take_batches", "tagged_concat"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -195,3 +195,21 @@ def take_batches(dataset: Dataset, batch_size: int, max_batches: int, seed: int,
         if i % world == rank:
             batch = default_collate([dataset[j] for j in idx])
             yield batch[0].to(device), batch[1].to(device)
+
+
+class _Tagged(Dataset):
+    def __init__(self, ds: Dataset, k: int):
+        self.ds, self.k = ds, k
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i][:2]
+        return x, y, self.k
+
+
+def tagged_concat(datasets: list[tuple[int, Dataset]]) -> Dataset:
+    """One dataset of every ``(task index, dataset)`` pair, each sample ``(x, y, task index)`` (joint training)."""
+    return ConcatDataset([_Tagged(ds, k) for k, ds in datasets])
+

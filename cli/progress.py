@@ -3,7 +3,8 @@
 :class:`LiveProgress` draws rich progress bars (tasks; the current train/retrain epoch with its loss; the prune loop
 with the units released so far) and prints one line per finished task above them. :class:`LineProgress` prints a
 few plain lines per task instead, for logs and pipes. Both are :class:`anpyc.learner.Callback` plugins: they only
-read the event dicts (see ``RUN/events.jsonl``), so what they show is what the run recorded.
+read the learner's typed events (:mod:`anpyc.events`, the lines of ``RUN/events.jsonl``), so what they show is what
+the run recorded.
 
 Imported inside command bodies only (it imports torch through the learner).
 """
@@ -15,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from anpyc.events import Epoch, Eval, Event, PruneStep, TaskEnd, TaskStart
 from anpyc.learner import Callback
 
 __all__ = ["LiveProgress", "LineProgress", "make_progress", "task_line"]
@@ -24,13 +26,17 @@ def _pct(v: float | None) -> str:
     return "  -  " if v is None else f"{100 * v:5.1f}"
 
 
-def task_line(event: dict, name: str) -> str:
-    """One plain line for a ``task_end`` event: the accuracy row, capacity, parameters."""
-    row = event.get("acc_row") or [None]
+def task_line(event: TaskEnd, name: str) -> str:
+    """One plain line for a finished task: the accuracy row, capacity, parameters."""
+    row = event.acc_row or [None]
     earlier = " ".join(_pct(v).strip() for v in row[:-1])
-    return (f"task {event['task']} {name} done: test acc {_pct(row[-1]).strip()}%"
+    return (f"task {event.task} {name} done: test acc {_pct(row[-1]).strip()}%"
             f"{' (earlier tasks: ' + earlier + ')' if earlier else ''}, capacity used "
-            f"{100 * event.get('capacity', 0):.0f}%, params {event.get('params', 0):,}")
+            f"{100 * event.capacity:.0f}%, params {event.params:,}")
+
+
+def _verdict(event: PruneStep) -> str:
+    return "kept" if event.accepted else "rolled back"
 
 
 class _Base(Callback):
@@ -39,7 +45,7 @@ class _Base(Callback):
         self.num_tasks, self.epochs, self.retrain_epochs = num_tasks, epochs, retrain_epochs
         self.done = done
         self.names: dict[int, str] = {}
-        self.last: dict = {}
+        self.last: Epoch | None = None
 
     def __enter__(self) -> "_Base":
         return self
@@ -86,72 +92,64 @@ class LiveProgress(_Base):
         self.progress.update(self.epoch_bar, completed=self.epochs_done + batch / max(total, 1),
                              info=f"batch {batch}/{total} loss {loss:.3f}")
 
-    def on_event(self, event: dict) -> None:
-        kind = event.get("event")
+    def on_event(self, event: Event) -> None:
         p = self.progress
-        if kind == "task_start":
-            self.names[event["task"]] = str(event.get("name", event["task"]))
-            p.update(self.tasks_bar, description=f"task {event['task']} {self.names[event['task']]}"[:22],
-                     info=f"{event.get('claimed_units', 0):,} free units claimed")
+        if isinstance(event, TaskStart):
+            self.names[event.task] = event.name
+            p.update(self.tasks_bar, description=f"task {event.task} {event.name}"[:22],
+                     info=f"{event.claimed_units:,} free units claimed")
             p.update(self.prune_bar, visible=False)
             self.phase = None
             self.prune_steps = 0
-        elif kind == "epoch":
-            phase = event.get("phase", "train")
-            if phase != self.phase:
-                self._begin_phase(phase)
-            self.epochs_done = int(event.get("epoch", 0)) + 1
-            label = "  train epochs" if phase == "train" else f"  retrain (step {event.get('step', 0)})"
+        elif isinstance(event, Epoch):
+            if event.phase != self.phase:
+                self._begin_phase(event.phase)
+            self.epochs_done = event.epoch + 1
+            label = "  train epochs" if event.phase == "train" else f"  retrain (step {event.step or 0})"
             p.update(self.epoch_bar, completed=self.epochs_done, description=label,
-                     info=f"loss {event.get('loss', float('nan')):.3f} acc {event.get('train_acc', 0):.3f}")
-            if phase == "retrain" and self.epochs_done >= self.retrain_epochs:
+                     info=f"loss {event.loss:.3f} acc {event.train_acc:.3f}")
+            if event.phase == "retrain" and self.epochs_done >= self.retrain_epochs:
                 self.phase = None  # the next prune step starts a new retrain block
-        elif kind == "eval" and event.get("phase") == "train_end":
-            p.update(self.tasks_bar, info=f"val acc after training {event.get('val_acc', 0):.3f}")
+        elif isinstance(event, Eval) and event.phase == "train_end":
+            p.update(self.tasks_bar, info=f"val acc after training {event.val_acc:.3f}")
             p.reset(self.prune_bar, total=None, completed=0, description="  prune (units)", info="scoring units",
                     visible=True)
-        elif kind == "prune_step":
-            self.prune_steps = int(event.get("k", self.prune_steps)) + 1
-            verdict = "kept" if event.get("accepted") else "rolled back"
-            p.update(self.prune_bar, total=max(int(event.get("claim", 0)), 1),
-                     completed=int(event.get("released_total", 0)),
-                     info=f"step {event.get('k')}: -{event.get('released')} units, val {event.get('val_acc', 0):.3f} "
-                          f"{verdict}")
-        elif kind == "task_end":
+        elif isinstance(event, PruneStep):
+            self.prune_steps = event.k + 1
+            p.update(self.prune_bar, total=max(event.claim, 1), completed=event.released_total,
+                     info=f"step {event.k}: -{event.released} units, val {event.val_acc:.3f} {_verdict(event)}")
+        elif isinstance(event, TaskEnd):
             self.done += 1
             p.update(self.tasks_bar, completed=self.done, info="")
             p.update(self.epoch_bar, visible=False)
             p.update(self.prune_bar, visible=False)
-            p.console.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False,
+            p.console.print(task_line(event, self.names.get(event.task, str(event.task))), markup=False,
                             highlight=False)
 
 
 class LineProgress(_Base):
     """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes."""
 
-    def on_event(self, event: dict) -> None:
-        kind = event.get("event")
+    def on_event(self, event: Event) -> None:
         c = self.console
-        if kind == "task_start":
-            self.names[event["task"]] = str(event.get("name", event["task"]))
-            self.last = {}
-            c.print(f"task {event['task']} {self.names[event['task']]} ({self.done + 1}/{self.num_tasks}): "
-                    f"training {self.epochs} epochs on {event.get('claimed_units', 0):,} claimed units",
-                    markup=False, highlight=False)
-        elif kind == "epoch" and event.get("phase") == "train":
+        if isinstance(event, TaskStart):
+            self.names[event.task] = event.name
+            self.last = None
+            c.print(f"task {event.task} {event.name} ({self.done + 1}/{self.num_tasks}): training {self.epochs} "
+                    f"epochs on {event.claimed_units:,} claimed units", markup=False, highlight=False)
+        elif isinstance(event, Epoch) and event.phase == "train":
             self.last = event
-        elif kind == "eval" and event.get("phase") == "train_end":
-            last = self.last
-            c.print(f"  trained: loss {last.get('loss', float('nan')):.3f}, train acc {last.get('train_acc', 0):.3f}, "
-                    f"val acc {event.get('val_acc', 0):.3f}", markup=False, highlight=False)
-        elif kind == "prune_step":
-            verdict = "kept" if event.get("accepted") else "rolled back"
-            c.print(f"  prune step {event.get('k')}: released {event.get('released')} units, val acc "
-                    f"{event.get('val_acc', 0):.3f}, {verdict} ({event.get('released_total')}/{event.get('claim')} "
-                    f"of the claim released)", markup=False, highlight=False)
-        elif kind == "task_end":
+        elif isinstance(event, Eval) and event.phase == "train_end":
+            loss, acc = (self.last.loss, self.last.train_acc) if self.last is not None else (float("nan"), 0.0)
+            c.print(f"  trained: loss {loss:.3f}, train acc {acc:.3f}, val acc {event.val_acc:.3f}", markup=False,
+                    highlight=False)
+        elif isinstance(event, PruneStep):
+            c.print(f"  prune step {event.k}: released {event.released} units, val acc {event.val_acc:.3f}, "
+                    f"{_verdict(event)} ({event.released_total}/{event.claim} of the claim released)", markup=False,
+                    highlight=False)
+        elif isinstance(event, TaskEnd):
             self.done += 1
-            c.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False, highlight=False)
+            c.print(task_line(event, self.names.get(event.task, str(event.task))), markup=False, highlight=False)
 
 
 def make_progress(console: Console, *, live: bool, **kw: Any) -> _Base:

@@ -1,8 +1,4 @@
-"""The adversarial prune-retrain loop (METHOD.md section 3, generalised in section 4).
-
-After a task trains, its claim (the units it took from the free pool) is shrunk in steps: importance is
-recomputed on the task, the least important part of the claim is released back to the free pool, and the
-network retrains under consolidation. Strategies (a registry):
+"""The pruning strategies (a registry, :data:`anpyc.pruning.PRUNING`).
 
 * ``guarded`` (default): keep releasing ``step`` of the claim (``geometric``: of what the task still keeps) while
   validation accuracy stays within ``tolerance`` of the unpruned accuracy; a step that breaks it is rolled back and
@@ -10,67 +6,23 @@ network retrains under consolidation. Strategies (a registry):
 * ``schedule``: the original fixed schedule, ``first_ratio`` for the first task, times ``decay`` for each next,
   in increments of ``step``; no rollback;
 * ``none``: no pruning.
-
-A strategy is a pure function of a small *state* dict (kept in the checkpoint) and a :class:`PruneHost` (the
-learner), so an interrupted loop resumes at the step it was on.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Protocol
-
 import torch
 
-from .config import PruneConfig
-from .registry import Registry
+from ..config import PruneConfig  # noqa: F401  (the strategies' cfg)
+from ..events import PruneStep
+from .base import PRUNING, PruneHost, initial_state, select_release, tolerance
 
-__all__ = ["PRUNING", "PruneHost", "select_release"]
-
-PRUNING: Registry = Registry("pruning mode")
-
-
-class PruneHost(Protocol):
-    """What a pruning strategy needs from the learner."""
-
-    def unit_scores(self) -> torch.Tensor: ...
-    def claim(self) -> torch.Tensor: ...                       # bool mask of the units the task owns now
-    def releasable(self, order: torch.Tensor, count: int) -> torch.Tensor: ...  # pick units, group minimums kept
-    def release(self, units: torch.Tensor) -> None: ...
-    def retrain(self, step: int) -> None: ...
-    def val_accuracy(self) -> float: ...
-    def val_size(self) -> int: ...
-    def snapshot(self) -> object: ...
-    def restore(self, snap: object) -> None: ...
-    def checkpoint(self, state: dict) -> None: ...
-    def log(self, event: dict) -> None: ...
-
-
-def select_release(host: PruneHost, count: int) -> torch.Tensor:
-    """The ``count`` least important units of the claim that may be released (group minimums respected)."""
-    scores = host.unit_scores()
-    claim = host.claim()
-    order = torch.argsort(torch.where(claim, scores, torch.full_like(scores, math.inf)), stable=True)
-    order = order[: int(claim.sum())]
-    return host.releasable(order, count)
-
-
-def _initial(state: dict, claim_size: int, a0: float) -> dict:
-    if not state:
-        state = {"claim": claim_size, "released": 0, "k": 0, "done": False, "a0": a0, "steps": []}
-    return state
-
-
-def tolerance(cfg: PruneConfig, val_size: int) -> float:
-    """The allowed validation-accuracy drop: ``cfg.tolerance``, but never less than one validation sample (a
-    tolerance finer than the validation set can measure would reject every step)."""
-    return max(cfg.tolerance, 1.0 / max(val_size, 1) + 1e-9)
+__all__ = ["prune_none", "prune_guarded", "prune_schedule"]
 
 
 @PRUNING.register("none")
 def prune_none(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
     """No pruning: the task keeps every unit it claimed."""
-    state = _initial(state, int(host.claim().sum()), a0)
+    state = initial_state(state, int(host.claim().sum()), a0)
     state["done"] = True
     return state
 
@@ -78,7 +30,7 @@ def prune_none(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: in
 @PRUNING.register("guarded")
 def prune_guarded(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
     """Release ``step`` of the claim at a time while validation accuracy stays within ``tolerance``."""
-    state = _initial(state, int(host.claim().sum()), a0)
+    state = initial_state(state, int(host.claim().sum()), a0)
     state.setdefault("step", cfg.step)
     while not state["done"]:
         claim = state["claim"]
@@ -106,7 +58,9 @@ def prune_guarded(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
             state["step"] = state["step"] / 2
         state["k"] += 1
         state["steps"].append(record)
-        host.log({"event": "prune_step", **record, "claim": claim, "released_total": state["released"]})
+        host.log(PruneStep(k=record["k"], released=record["released"], val_acc=acc,
+                           accepted=accepted, claim=claim, released_total=state["released"],
+                           extra={"step": record["step"]}))
         host.checkpoint(state)
     return state
 
@@ -114,7 +68,7 @@ def prune_guarded(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
 @PRUNING.register("schedule")
 def prune_schedule(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
     """The original schedule: ratio ``first_ratio * decay**task_index`` reached in ``step`` increments."""
-    state = _initial(state, int(host.claim().sum()), a0)
+    state = initial_state(state, int(host.claim().sum()), a0)
     target = cfg.first_ratio * (cfg.decay ** task_index)
     while not state["done"]:
         ratio = min(target, (state["k"] + 1) * cfg.step)
@@ -131,6 +85,7 @@ def prune_schedule(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index
         state["k"] += 1
         state["steps"].append(record)
         state["done"] = ratio >= target - 1e-12
-        host.log({"event": "prune_step", **record, "claim": state["claim"], "released_total": state["released"]})
+        host.log(PruneStep(k=record["k"], released=record["released"], val_acc=acc, accepted=True,
+                           claim=state["claim"], released_total=state["released"], extra={"ratio": ratio}))
         host.checkpoint(state)
     return state

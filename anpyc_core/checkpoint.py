@@ -1,0 +1,228 @@
+"""A learner's state as files: what one committed generation of a run directory holds, written and read back.
+
+:class:`anpyc.rundir.RunDir` makes a generation crash-safe (temporary folder, rename, manifest last); this module
+says what is inside it (every file versioned, formats below) and what ``run.json`` records beside it::
+
+    trunk.safetensors          trunk parameters and shared buffers                  anpyc.trunk
+    masks.safetensors          unit owners (uint8, 255 = free) + the unit layout    anpyc.masks (anpyc.masks)
+    heads.safetensors          head/<task index>/weight|bias                        anpyc.heads
+    stats.safetensors          stats/<task index>/<buffer>: per-task BatchNorm      anpyc.stats
+    consolidation.safetensors  omega/<param>, anchor/<param>, tracker/...           anpyc.consolidation
+    optimizer.safetensors      optimizer state between epochs (optional)            anpyc.optimizer
+    state.json                 cursor, task records, accuracy matrices, history
+
+plus ``init.safetensors`` (``anpyc.init``) beside the generations: the parameters at initialisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+
+from . import __version__
+from .backbones import name_from_record
+from .config import LearnerConfig, from_dict, to_dict
+from .dist import context
+from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged
+from .fileio import atomic_write_json, finite, read_json
+from .masks import load_masks, save_masks
+from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
+from .task import InputSpec
+from .tensorio import load_tensors, save_tensors
+
+if TYPE_CHECKING:  # the learner is only ever passed in
+    from .learner import ContinualLearner
+
+__all__ = ["manifest", "create_run", "write_manifest", "write_generation", "read_generation", "write_init", "read_init",
+           "open_run", "PHASES"]
+
+PHASES = ("train", "prune", "consolidate", "done")  # where a task stands (state.json's cursor)
+INIT_FORMAT = "anpyc.init"
+
+
+def manifest(learner: "ContinualLearner") -> dict[str, Any]:
+    """What ``run.json`` records beside the generation: enough to rebuild the learner before its tensors load."""
+    return {
+        "anpyc_version": __version__,
+        "config": to_dict(learner.config),
+        "backbone": learner.backbone,
+        "input_spec": learner.input_spec.to_dict(),
+        "granularity": learner.space.granularity,
+        "layout": learner.space.schema().get("groups"),
+        "fingerprint": learner.space.layout_key(),
+        "tasks": [dict(r) for r in learner.tasks],
+    }
+
+
+def create_run(out_dir: str | Path, learner: "ContinualLearner") -> RunDir:
+    """A new run directory for ``learner`` (locked): its config, initial parameters and a first manifest."""
+    run = RunDir(out_dir, create=True)
+    if run.exists():
+        run.close()
+        raise RunDirError(f"{out_dir} already holds a run", "resume it (--resume) or choose a new --out")
+    atomic_write_json(run.path / "config.json", to_dict(learner.config))
+    write_init(run.path / "init.safetensors", learner.init_params)
+    write_manifest(run.path / "run.json", learner)
+    return run
+
+
+def write_manifest(path: Path, learner: "ContinualLearner") -> None:
+    """``run.json`` of a run with no committed generation yet (it is rewritten by every commit)."""
+    doc = manifest(learner)
+    doc.update({"format": RUN_FORMAT, "version": RUN_VERSION, "generation": None, "files": {}})
+    atomic_write_json(path, doc)
+
+
+def write_init(path: Path, params: dict[str, torch.Tensor]) -> None:
+    save_tensors(path, params, fmt=INIT_FORMAT, version=1,
+                 schema={"what": "trunk parameters at initialisation (re-initialises freed units)"})
+
+
+def read_init(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
+    if not path.exists():
+        return None
+    tensors, _ = load_tensors(path, fmt=INIT_FORMAT)
+    return {n: t.to(device) for n, t in tensors.items()}
+
+
+def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = False) -> None:
+    """Write every file of one generation of ``learner`` into the folder ``d``."""
+    for n, p in learner.trunk.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise TrainingDiverged(f"parameter {n} is not finite; the last good state is kept",
+                                   "lower the learning rate (--lr) and start again or resume")
+    trunk = {n: p.detach() for n, p in learner.trunk.named_parameters()}
+    stat_keys = set(learner.init_stats)
+    trunk.update({n: b.detach() for n, b in learner.trunk.named_buffers() if n not in stat_keys})
+    heads = {f"head/{k}/{n}": p.detach() for k, h in learner.model.heads.items() for n, p in h.state_dict().items()}
+    stats = {f"stats/{k}/{n}": v for k, s in learner.stats.items() for n, v in s.items()}
+    cons = {f"omega/{n}": v for n, v in learner.omega.items()}
+    cons.update({f"anchor/{n}": v for n, v in learner.anchor.items()})
+    cons.update({f"tracker/{n}": v for n, v in learner.tracker.state().items()})
+    state = {"cursor": learner.cursor, "tasks": learner.tasks, "acc_test": learner.acc_test,
+             "acc_val": learner.acc_val, "history": learner.history}
+    opt = learner._optimizer.state_dict() if (optimizer and learner._optimizer is not None) else None
+
+    save_tensors(d / "trunk.safetensors", trunk, fmt="anpyc.trunk", version=1, schema={"backbone": learner.backbone})
+    save_masks(d / "masks.safetensors", learner.space, tasks=[r["index"] for r in learner.tasks])
+    save_tensors(d / "heads.safetensors", heads, fmt="anpyc.heads", version=1,
+                 schema={"tasks": {str(r["index"]): r["id"] for r in learner.tasks}})
+    save_tensors(d / "stats.safetensors", stats, fmt="anpyc.stats", version=1)
+    save_tensors(d / "consolidation.safetensors", cons, fmt="anpyc.consolidation", version=1,
+                 schema={"measure": learner.config.importance.measure, "rule": learner.config.consolidation.rule})
+    if opt is not None:
+        flat, meta = flatten_optimizer(opt)
+        save_tensors(d / "optimizer.safetensors", flat, fmt="anpyc.optimizer", version=1, schema=meta)
+    atomic_write_json(d / "state.json", finite(state))
+
+
+def read_generation(d: Path, learner: "ContinualLearner") -> None:
+    """Load the generation in folder ``d`` into ``learner`` (built for the same backbone and layout)."""
+    tensors, _ = load_tensors(d / "trunk.safetensors", fmt="anpyc.trunk")
+    own = dict(learner.trunk.named_parameters())
+    own.update(learner.trunk.named_buffers())
+    missing = [n for n in own if n not in tensors and n not in learner.init_stats]
+    if missing:
+        raise StateFileError(f"trunk state in {d} lacks {missing[:3]}", "resume with the same backbone")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            if n not in own or tuple(own[n].shape) != tuple(t.shape):
+                raise StateFileError(f"trunk state in {d} has tensor {n} of shape {tuple(t.shape)} that this "
+                                     f"backbone does not have", "resume with the same backbone and input size")
+            own[n].copy_(t.to(own[n].device))
+    load_masks(d / "masks.safetensors", learner.space)
+    state = read_json(d / "state.json", what="run state")
+    phase = (state.get("cursor") or {}).get("phase") if isinstance(state, dict) else None
+    if phase not in PHASES:
+        raise StateFileError(f"run state in {d} has cursor phase {str(phase)[:40]!r}, not one of {list(PHASES)}",
+                             "restore the run or re-train")
+    learner.cursor, learner.tasks = state["cursor"], state["tasks"]
+    learner.acc_test, learner.acc_val, learner.history = state["acc_test"], state["acc_val"], state["history"]
+    heads, _ = load_tensors(d / "heads.safetensors", fmt="anpyc.heads")
+    for r in learner.tasks:
+        k = str(r["index"])
+        w = heads.get(f"head/{k}/weight")
+        if w is None:
+            raise StateFileError(f"heads file in {d} has no head for task {r['id']}", "restore the run")
+        head = learner.model.add_head(r["index"], w.shape[0])
+        head.load_state_dict({"weight": w, "bias": heads[f"head/{k}/bias"]})
+    stats, _ = load_tensors(d / "stats.safetensors", fmt="anpyc.stats")
+    learner.stats = {}
+    for key, v in stats.items():
+        _, k, name = key.split("/", 2)
+        learner.stats.setdefault(int(k), {})[name] = v.to(learner.device)
+    cons, _ = load_tensors(d / "consolidation.safetensors", fmt="anpyc.consolidation")
+    learner.omega = {k[6:]: v.to(learner.device) for k, v in cons.items() if k.startswith("omega/")}
+    learner.anchor = {k[7:]: v.to(learner.device) for k, v in cons.items() if k.startswith("anchor/")}
+    learner.tracker.load_state({k[8:]: v for k, v in cons.items() if k.startswith("tracker/")})
+    if (d / "optimizer.safetensors").exists():
+        flat, meta = load_tensors(d / "optimizer.safetensors", fmt="anpyc.optimizer")
+        learner._optim_state = unflatten_optimizer(flat, meta.get("schema") or {}, learner.device)
+
+
+def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, callbacks: Iterable, lock: bool
+             ) -> "ContinualLearner":
+    """A learner rebuilt from run directory ``out_dir`` (locked for writing when ``lock``): the backbone from its
+    record (a name; a custom module only from ``model``), the units from the saved layout, then the committed
+    generation. Everything the files choose is checked before the directory is touched (locked, cleaned)."""
+    manifest = RunDir(out_dir, lock=False).manifest()
+    try:
+        config = from_dict(LearnerConfig, manifest["config"])
+        spec = InputSpec.from_dict(manifest["input_spec"])
+        backbone = manifest["backbone"]
+    except (KeyError, TypeError) as e:
+        raise RunDirError(f"run manifest in {out_dir} is incomplete ({e})", "re-create the run") from None
+    named = name_from_record(backbone, f"run {out_dir}")
+    if model is None:
+        if named is None:
+            raise ModelError(f"run {out_dir} was trained on a custom module ({backbone.get('class')})",
+                             "pass the same module: ContinualLearner.resume(dir, model=...)")
+        model, kwargs = named
+    else:
+        kwargs = None
+    lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
+    run = RunDir(out_dir, create=lock, lock=lock)
+    learner = cls.__new__(cls)
+    try:
+        learner._build(model, spec, config, kwargs, callbacks, record=backbone, layout=manifest.get("layout"))
+    except BaseException:
+        run.close()
+        raise
+    learner.run = run if lock else None
+    learner.out_dir = Path(out_dir)
+    if manifest.get("fingerprint") != learner.space.layout_key():
+        raise StateFileError(f"run {out_dir} was trained with another unit layout",
+                             "resume with the same backbone and input size")
+    learner.init_params = read_init(Path(out_dir) / "init.safetensors", learner.device) or learner.init_params
+    if manifest.get("generation") is not None:
+        read_generation(run.state_dir(), learner)
+    if not lock:
+        run.close()
+    return learner
+
+
+def flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict as tensors (``state/<param index>/<key>``) plus JSON (groups, scalar entries)."""
+    flat = {}
+    scalars: dict[str, Any] = {}
+    for idx, st in sd["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                flat[f"state/{idx}/{key}"] = v.detach().cpu()
+            else:
+                scalars[f"{idx}/{key}"] = v
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return flat, {"param_groups": groups, "scalars": scalars}
+
+
+def unflatten_optimizer(flat: dict[str, torch.Tensor], meta: dict, device: torch.device) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        _, idx, name = key.split("/", 2)
+        state.setdefault(int(idx), {})[name] = v if name == "step" else v.to(device)
+    for key, v in (meta.get("scalars") or {}).items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = v
+    return {"state": state, "param_groups": meta.get("param_groups", [])}

@@ -1,0 +1,101 @@
+"""What a run reports while it learns: one typed event per task start, epoch, evaluation, prune step and task end.
+
+The learner hands every event to its callbacks (:class:`anpyc.learner.Callback`) and appends it to
+``RUN/events.jsonl`` as one JSON line (:meth:`Event.to_dict`, with the time first). Producers (the loop, the pruning
+strategies) and consumers (the CLI's progress display, a TensorBoard writer) share these types instead of agreeing
+on dict keys; an event still reads like the dict it is written as (``event["task"]``, ``event.get("loss")``), so
+callbacks written against the JSON lines keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = ["Event", "TaskStart", "Epoch", "Eval", "PruneStep", "TaskEnd", "EVENTS"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Event:
+    """Base class: ``kind`` is the ``"event"`` field of the JSON line."""
+
+    kind: ClassVar[str] = ""
+    task: int | None = None  # the task id (a pruning strategy leaves it to its host to fill in)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"event": self.kind}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra":
+                out.update(value)
+            elif value is not None or not f.metadata.get("optional"):
+                out[f.name] = value
+        return out
+
+    # read like the JSON line
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+def _optional() -> Any:
+    return field(default=None, metadata={"optional": True})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskStart(Event):
+    kind: ClassVar[str] = "task_start"
+    name: str
+    index: int
+    claimed_units: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Epoch(Event):
+    """One training epoch: ``phase`` is ``train`` (before pruning) or ``retrain`` (after prune step ``step``)."""
+
+    kind: ClassVar[str] = "epoch"
+    phase: str
+    epoch: int
+    loss: float
+    train_acc: float
+    penalty: float
+    step: int | None = _optional()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Eval(Event):
+    kind: ClassVar[str] = "eval"
+    phase: str
+    val_acc: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneStep(Event):
+    """One step of the prune loop: ``released`` units released (and kept released when ``accepted``), the
+    validation accuracy after retraining, the task's claim and what is released of it so far; ``extra`` carries
+    what the strategy adds (its step size or ratio, the guard's statistics)."""
+
+    kind: ClassVar[str] = "prune_step"
+    k: int
+    released: int
+    val_acc: float
+    accepted: bool
+    claim: int
+    released_total: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskEnd(Event):
+    kind: ClassVar[str] = "task_end"
+    acc_row: list[float | None]
+    capacity: float
+    params: int
+    flops: int
+
+
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (TaskStart, Epoch, Eval, PruneStep, TaskEnd)}

@@ -1,0 +1,13 @@
+"""The adversarial prune-retrain loop (METHOD.md section 3, generalised in section 4).
+
+After a task trains, its claim (the units it took from the free pool) is shrunk: importance is recomputed on the
+task, the least important part of the claim is released back to the free pool, and the network retrains under
+consolidation. :mod:`~anpyc.pruning.base` holds the registry and the host protocol, :mod:`~anpyc.pruning.strategies`
+the strategies, :mod:`~anpyc.pruning.host` the learner's side of the protocol.
+"""
+
+from .base import PRUNING, PruneHost, initial_state, select_release, tolerance
+from .strategies import prune_guarded, prune_none, prune_schedule
+
+__all__ = ["PRUNING", "PruneHost", "select_release", "tolerance", "initial_state", "prune_guarded", "prune_none",
+           "prune_schedule"]
