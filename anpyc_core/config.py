@@ -17,7 +17,6 @@ from .errors import ConfigError
 from .registry import Registry
 
 __all__ = [
-    "validate",
     "OptimConfig",
     "ImportanceConfig",
     "PruneConfig",

@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark scripts: run specs, one cached run, summaries, markdown sections, timing.
+"""The one helper module of the benchmark scripts: run specs, one cached run, summaries, BENCHMARKS.md sections,
+the reproducing command, the machine line.
 
 A benchmark run is fully described by a :class:`RunSpec` (stream, backbone, method preset and overrides, seed);
 its result is a JSON-ready dict (the learner's metrics plus wall time). Results are optionally cached as JSON
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 __all__ = ["RunSpec", "run", "common_args", "setup_torch", "mean_std", "fmt_pm", "acc_curve", "write_section",
-           "command_line", "median", "git_commit", "ROOT"]
+           "command_line", "median", "git_commit", "machine", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +112,9 @@ def run(spec: RunSpec, *, device: str = "cpu", threads: int = 1, cache: Path | N
     }
     if diverged:  # the stream was not finished: no final ACC to report
         result.update(acc=math.nan, bwt=math.nan, mean_forgetting=math.nan, val_acc=math.nan)
-    result = _finite(result)
+    from anpyc.fileio import finite
+
+    result = finite(result)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -135,18 +139,6 @@ def acc_curve(matrix: Sequence[Sequence[float | None]]) -> list[float]:
     """ACC after each task: the mean of row ``i`` of the accuracy matrix over the tasks learned so far."""
     return [_mean_last([row]) for row in matrix]
 
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-# ================================================================================================ summaries
 
 def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -184,14 +176,14 @@ def write_section(path: Path, name: str, body: str, *, title: str | None = None)
         text = head + block + tail
     else:
         text = text.rstrip() + "\n\n" + (f"## {title}\n\n" if title else "") + block + "\n"
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")  # unique: benchmarks may write sections side by side
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def command_line(script: str, args: Sequence[str]) -> str:
-    """The command that reproduces a table, as a user would type it from the repository root."""
-    return " ".join(["python", f"benchmarks/{script}", *args])
+    """The command that reproduces a table, as a user would type it from the repository root (shell-quoted)."""
+    return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(a) for a in args)])
 
 
 def git_commit() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
+from _bench import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
 LATENCY_TARGET = 1.15

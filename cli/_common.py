@@ -7,6 +7,7 @@ imported inside command bodies so that ``anpyc --help`` stays instant.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ from typing import Any, Callable
 import typer
 
 __all__ = ["user_errors", "fail", "console", "err_console", "is_tty", "parse_value", "parse_assignments",
-           "read_config_file", "flatten"]
+           "read_config_file", "flatten", "is_number"]
 
 
 def fail(problem: str, fix: str) -> "typer.Exit":
@@ -59,6 +60,11 @@ def err_console():
 
 def is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float (not a bool, not None, not NaN): a value a table or plot can show."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # ------------------------------------------------------------------------------------------------ config input

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
+
+from ._common import is_number
 
 __all__ = ["write_plots", "plot_accuracy_matrix", "plot_capacity", "plot_accuracy_over_time", "PLOT_FILES"]
 
 PLOT_FILES = ("accuracy_matrix.png", "capacity.png", "accuracy_over_time.png")
 _DPI = 120
-
-
-def _ok(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _labels(metrics: dict) -> list[str]:
@@ -69,7 +67,7 @@ def plot_accuracy_matrix(metrics: dict, path: Path) -> Path:
     M = np.full((T, T), np.nan)
     for i, row in enumerate(R):
         for j, v in enumerate(row[:T]):
-            if _ok(v):
+            if is_number(v):
                 M[i, j] = 100 * v
     finite = M[np.isfinite(M)]
     vmin = min(50.0, 10 * math.floor(finite.min() / 10)) if finite.size else 0.0
@@ -93,9 +91,9 @@ def plot_accuracy_matrix(metrics: dict, path: Path) -> Path:
     ax.set_ylabel("after learning task")
     acc, bwt = metrics.get("acc"), metrics.get("bwt")
     sub = []
-    if _ok(acc):
+    if is_number(acc):
         sub.append(f"ACC {100 * acc:.1f}%")
-    if _ok(bwt):
+    if is_number(bwt):
         sub.append(f"BWT {100 * bwt:+.1f} pts")
     ax.set_title("Accuracy matrix" + (f"   ({', '.join(sub)})" if sub else ""), fontsize=11)
     return _save(fig, path)
@@ -122,7 +120,7 @@ def plot_capacity(metrics: dict, path: Path) -> Path:
         ax.text(i, min(bottom, 100) + 1.5 if bottom < 92 else bottom - 6, f"{bottom:.0f}%", ha="center",
                 fontsize=9, color="black")
     capp = metrics.get("capacity_params") or []
-    pts = [(i, 100 * v) for i, v in enumerate(capp[:T]) if _ok(v)]
+    pts = [(i, 100 * v) for i, v in enumerate(capp[:T]) if is_number(v)]
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker="D", s=28, color="black", zorder=3,
                    label="used, share of parameters")
@@ -146,7 +144,7 @@ def plot_accuracy_over_time(metrics: dict, path: Path) -> Path:
     lows = []
     markers = "osD^vP*Xhp<>"
     for j in range(T):
-        pts = [(i, 100 * R[i][j]) for i in range(j, T) if j < len(R[i]) and _ok(R[i][j])]
+        pts = [(i, 100 * R[i][j]) for i in range(j, T) if j < len(R[i]) and is_number(R[i][j])]
         if not pts:
             continue
         lows.append(min(p[1] for p in pts))
@@ -156,7 +154,7 @@ def plot_accuracy_over_time(metrics: dict, path: Path) -> Path:
                 lw=max(3.2 - 0.25 * j, 1.2), color=colors[j], label=labels[j], alpha=0.9)
     avg = []
     for i, row in enumerate(R):
-        vals = [100 * v for v in row[: i + 1] if _ok(v)]
+        vals = [100 * v for v in row[: i + 1] if is_number(v)]
         if vals:
             avg.append((i, sum(vals) / len(vals)))
     if avg:

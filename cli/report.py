@@ -5,12 +5,13 @@ Works on the dict of :meth:`anpyc.learner.ContinualLearner.metrics` or on ``RUN/
 
 from __future__ import annotations
 
-import math
-from typing import Any, Sequence
+from typing import Sequence
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
+
+from ._common import is_number
 
 __all__ = ["titled", "accuracy_table", "task_table", "headline", "print_summary", "fmt_count"]
 
@@ -34,10 +35,6 @@ def titled(title: str, table: Table) -> Group:
     return Group(Text(title, style="italic"), table)
 
 
-def _ok(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _names(metrics: dict) -> list[str]:
     return [f"{t['id']}:{t['name']}" for t in metrics.get("tasks") or []]
 
@@ -53,11 +50,11 @@ def accuracy_table(matrix: Sequence[Sequence[float | None]], names: Sequence[str
         cells = []
         for j in range(len(matrix)):
             v = row[j] if j < len(row) else None
-            if not _ok(v):
+            if not is_number(v):
                 cells.append(Text("·" if j > i else "-", style="dim"))
                 continue
             diag = matrix[j][j] if j < len(matrix[j]) else None
-            drop = 100 * (diag - v) if _ok(diag) else 0.0
+            drop = 100 * (diag - v) if is_number(diag) else 0.0
             style = "bold" if i == j else ("red" if drop > _DROP_BAD else "yellow" if drop > _DROP_WARN else "green")
             cells.append(Text(f"{100 * v:.1f}", style=style))
         table.add_row(Text(names[i] if i < len(names) else str(i)), *cells)
@@ -90,14 +87,14 @@ def task_table(metrics: dict) -> Table:
         table.add_row(
             Text(name),
             str(len(tasks[k].get("classes") or [])) if k < len(tasks) else "-",
-            f"{100 * now:.1f}%" if _ok(now) else "-",
-            f"{100 * learned:.1f}%" if _ok(learned) else "-",
-            f"{100 * owned / n_units:.1f}%" if _ok(owned) and n_units else "-",
-            f"{100 * cap:.0f}%" if _ok(cap) else "-",
-            f"{fmt_count(params)} ({100 * params / dense_p:.0f}%)" if _ok(params) and dense_p else fmt_count(params),
-            f"{fmt_count(flops)} ({100 * flops / dense_f:.0f}%)" if _ok(flops) and dense_f else fmt_count(flops),
+            f"{100 * now:.1f}%" if is_number(now) else "-",
+            f"{100 * learned:.1f}%" if is_number(learned) else "-",
+            f"{100 * owned / n_units:.1f}%" if is_number(owned) and n_units else "-",
+            f"{100 * cap:.0f}%" if is_number(cap) else "-",
+            f"{fmt_count(params)} ({100 * params / dense_p:.0f}%)" if is_number(params) and dense_p else fmt_count(params),
+            f"{fmt_count(flops)} ({100 * flops / dense_f:.0f}%)" if is_number(flops) and dense_f else fmt_count(flops),
             f"{100 * prune.get('released', 0) / claim:.0f}% of claim" if claim else "-",
-            f"{secs:.0f}s" if _ok(secs) else "-",
+            f"{secs:.0f}s" if is_number(secs) else "-",
         )
     return table
 
@@ -108,13 +105,13 @@ def headline(metrics: dict) -> Text:
     cap = (metrics.get("capacity") or [None])[-1]
     capp = (metrics.get("capacity_params") or [None])[-1]
     parts = [f"{metrics.get('backbone', '?')} / {metrics.get('method', '?')}, {len(metrics.get('tasks') or [])} tasks",
-             f"ACC {100 * acc:.1f}%" if _ok(acc) else "ACC -",
-             f"BWT {100 * bwt:+.1f} pts" if _ok(bwt) else "BWT -"]
-    if _ok(metrics.get("mean_forgetting")):
+             f"ACC {100 * acc:.1f}%" if is_number(acc) else "ACC -",
+             f"BWT {100 * bwt:+.1f} pts" if is_number(bwt) else "BWT -"]
+    if is_number(metrics.get("mean_forgetting")):
         parts.append(f"forgetting {100 * metrics['mean_forgetting']:.1f} pts")
-    if _ok(cap):
+    if is_number(cap):
         used = f"capacity used {100 * cap:.0f}% of units"
-        if _ok(capp):
+        if is_number(capp):
             used += f" ({100 * capp:.0f}% of parameters)"
         parts.append(used + f", {100 * (1 - cap):.0f}% free for new tasks")
     return Text("  |  ".join(parts), style="bold")

@@ -15,28 +15,16 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from anpyc.structure import randomize_norms
 from anpyc.task import InputSpec
 
-__all__ = ["FakeSource", "randomize_norms", "timm_source", "mlp_source"]
-
-_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+__all__ = ["FakeSource", "timm_source", "mlp_source"]
 
 
-@torch.no_grad()
-def randomize_norms(module: nn.Module, *, seed: int = 0) -> nn.Module:
-    """Give every norm layer random affine parameters and (for batch norms) random running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if not isinstance(m, _NORMS):
-            continue
-        if getattr(m, "weight", None) is not None:
-            m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
-        if getattr(m, "bias", None) is not None:
-            m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
-        if getattr(m, "running_mean", None) is not None:
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
-    return module
+def _randomized(module: nn.Module, seed: int) -> nn.Module:
+    """``module`` with random norm parameters and statistics (timm zero-initialises some), in eval mode."""
+    randomize_norms(module, torch.Generator().manual_seed(seed))
+    return module.eval()
 
 
 def _digest(module: nn.Module) -> str:
@@ -96,7 +84,7 @@ def timm_source(model_name: str, *, tasks: int = 1, num_classes: int = 3, img_si
         torch.manual_seed(seed + t)
         kw = {"img_size": img_size} if model_name.startswith(("test_vit", "vit_", "deit_")) else {}
         m = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **kw)
-        modules[t] = randomize_norms(m, seed=seed + t).eval()
+        modules[t] = _randomized(m, seed + t)
         classes[t] = [f"t{t}c{i}" for i in range(num_classes)]
     cfg = modules[0].pretrained_cfg
     spec = dict(kind="image", shape=(3, img_size, img_size), mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -115,7 +103,7 @@ def mlp_source(*, in_features: int = 20, hidden: int = 32, num_classes: int = 4,
         torch.manual_seed(seed + t)
         m = nn.Sequential(nn.Linear(in_features, hidden), nn.LayerNorm(hidden), nn.ReLU(),
                           nn.Linear(hidden, num_classes))
-        modules[t] = randomize_norms(m, seed=seed + t).eval()
+        modules[t] = _randomized(m, seed + t)
         classes[t] = [f"class-{t}-{i}" for i in range(num_classes)]
     spec = InputSpec(kind="vector", shape=(in_features,), mean=(), std=(), interpolation="bilinear", crop_pct=1.0,
                      color_mode="RGB")

@@ -13,6 +13,15 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from anpyc.errors import ConfigError
+
+
+def positive_int(name: str, value: object) -> int:
+    """A stream option that must be a positive integer (``num_tasks``, ``limit``, ``img_size``, ...)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass e.g. {name}=4")
+    return int(value)
+
 __all__ = [
     "MemoryDataset",
     "ImageArrayDataset",
@@ -21,6 +30,7 @@ __all__ = [
     "carve_counts",
     "stratified_split",
     "vectorize",
+    "positive_int",
 ]
 
 

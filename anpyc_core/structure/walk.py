@@ -51,16 +51,28 @@ def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def randomize_norms(module: nn.Module, generator: torch.Generator) -> None:
-    """Give every 1-d parameter and BatchNorm statistic random values (timm zero-initialises some norms, which
-    would make removed and kept channels indistinguishable)."""
-    for p in module.parameters():
-        if p.ndim <= 1 and p.numel() > 0:
-            p.copy_(p + 0.25 * torch.randn(p.shape, generator=generator, dtype=p.dtype) + 0.1)
+def randomize_norms(module: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give normalisation layers random affine parameters (weights in [0.5, 1.5), biases around 0) and BatchNorm
+    layers random statistics, and every other 1-d parameter a random shift: timm zero-initialises some norms, which
+    would make removed and kept channels indistinguishable, so equal outputs would prove nothing. Returns
+    ``module``."""
+    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    in_norm = set()
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+        if isinstance(m, norms):
+            if getattr(m, "weight", None) is not None:
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=generator))
+                in_norm.add(id(m.weight))
+            if getattr(m, "bias", None) is not None:
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
+                in_norm.add(id(m.bias))
+            if getattr(m, "running_mean", None) is not None:
+                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+    for p in module.parameters():
+        if p.ndim <= 1 and p.numel() > 0 and id(p) not in in_norm:
+            p.copy_(p + 0.25 * torch.randn(p.shape, generator=generator, dtype=p.dtype) + 0.1)
+    return module
 
 
 @dataclass

@@ -96,12 +96,8 @@ def command(
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
                          epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs)
     learner.callbacks.append(bars)
-    try:
-        with bars:
-            metrics = learner.fit(stream)
-    finally:
-        if learner.run is not None:
-            learner.run.close()  # release the run's lock; the export below only reads the learner
+    with learner, bars:  # the run's lock is released on the way out; the export below only reads the learner
+        metrics = learner.fit(stream)
     t_train = time.time() - t0
 
     con.rule("[bold]result")

@@ -11,22 +11,13 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from anpyc.config import METHODS
+
 from .._common import flatten, parse_assignments, read_config_file
 
 
-class Method(str, Enum):
-    """The registered method presets (``anpyc.config.METHODS``; a test keeps the two in step)."""
-
-    anpyc = "anpyc"
-    anpyc_soft = "anpyc-soft"
-    anpyc_element = "anpyc-element"
-    ewc = "ewc"
-    mas = "mas"
-    si = "si"
-    packnet = "packnet"
-    finetune = "finetune"
-    joint = "joint"
-    paper = "paper"
+# The registered method presets (``anpyc.config.METHODS``, which imports no torch), as typer's choices.
+Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS.names()}, type=str)
 
 
 # Keys of a config file that are not LearnerConfig fields.
@@ -209,8 +200,7 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
                                      "drop --model to resume it", param_hint="--model")
         stream = src.open(input_spec=learner.input_spec)
     except BaseException:
-        if learner.run is not None:
-            learner.run.close()
+        learner.close()
         raise
     if threads is not None:  # the core keeps the recorded config; threads are a property of this process only
         import torch
@@ -242,12 +232,8 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
         learner.callbacks.append(bars)
-    try:
-        with bars:
-            metrics = learner.fit(stream)
-    finally:
-        if learner.run is not None:
-            learner.run.close()  # release the run's lock now, not whenever the learner is garbage-collected
+    with learner, bars:  # the run's lock is released now, not whenever the learner is garbage-collected
+        metrics = learner.fit(stream)
     if not main:
         return
     con.print()
