@@ -60,6 +60,9 @@ def command(
     threads: Annotated[int, typer.Option("--threads", help="torch and onnxruntime CPU threads.")] = QUICKSTART_THREADS,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", file_okay=False, help="Also log to TensorBoard "
+                                                        "event files in this folder (pip install "
+                                                        "\"anpyc\\[tensorboard]\").")] = None,
 ) -> None:
     if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
@@ -84,6 +87,11 @@ def command(
 
     con = console()
     overrides = {**QUICKSTART_CONFIG, "threads": threads}
+    tracker = None
+    if tensorboard is not None:  # a missing package fails here, before anything is written
+        from anpyc.adapters.tracking import TensorBoardLogger
+
+        tracker = TensorBoardLogger(tensorboard, retrain_epochs=QUICKSTART_CONFIG["prune.retrain_epochs"])
     stream = make_stream(QUICKSTART_STREAM, img_size=QUICKSTART_IMG_SIZE)
     con.rule("[bold]anpyc quickstart")
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
@@ -96,10 +104,15 @@ def command(
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
                          epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs)
     learner.callbacks.append(bars)
+    if tracker is not None:
+        learner.callbacks.append(tracker)
+        con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
     try:
         with bars:
             metrics = learner.fit(stream)
     finally:
+        if tracker is not None:
+            tracker.close()
         if learner.run is not None:
             learner.run.close()  # release the run's lock; the export below only reads the learner
     t_train = time.time() - t0

@@ -103,6 +103,10 @@ def command(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots to RUN/plots.")] = True,
+    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", file_okay=False, help="Also log to TensorBoard "
+                                                        "event files in this folder (pip install "
+                                                        "\"anpyc\\[tensorboard]\"); watch with tensorboard "
+                                                        "--logdir DIR.")] = None,
 ) -> None:
     for value, flag in ((tasks, "--tasks"), (epochs, "--epochs"), (img_size, "--img-size"),
                         (batch_size, "--batch-size"), (threads, "--threads")):
@@ -125,7 +129,7 @@ def command(
                                      f"drop {', '.join(given)} (or train a new run in another --out)",
                                      param_hint="--resume")
         _resume(out, model=model, data=data, stream_opts=stream_opts, tasks=tasks, threads=threads,
-                progress=progress, plots=plots)
+                progress=progress, plots=plots, tensorboard=tensorboard)
         return
 
     if (out / "run.json").exists():
@@ -175,15 +179,25 @@ def command(
         create_backbone(name)  # neither timm nor registered: raises ModelError naming close matches
     src = resolve_source(source, options=stream_opts, tasks=n_tasks, base=None if data else file_data.get("base"))
     stream = src.open()
+    tracker = _tracker(tensorboard, config)  # a missing package fails here, before the run directory exists
 
     from anpyc.learner import ContinualLearner
 
     learner = ContinualLearner(name, input_spec=stream.input_spec, out_dir=out, config=config, model_kwargs=kwargs)
-    _fit(learner, stream, src, out, progress=progress, plots=plots)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
+
+
+def _tracker(log_dir: Optional[Path], config):
+    """The TensorBoard callback for ``--tensorboard DIR`` (None without the flag)."""
+    if log_dir is None:
+        return None
+    from anpyc.adapters.tracking import TensorBoardLogger
+
+    return TensorBoardLogger(log_dir, retrain_epochs=config.prune.retrain_epochs)
 
 
 def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts: dict, tasks: Optional[int],
-            threads: Optional[int], progress: Optional[bool], plots: bool) -> None:
+            threads: Optional[int], progress: Optional[bool], plots: bool, tensorboard: Optional[Path]) -> None:
     from anpyc.errors import RunDirError
 
     from ..sources import read_source, resolve_source
@@ -208,6 +222,7 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
             raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
                                      "drop --model to resume it", param_hint="--model")
         stream = src.open(input_spec=learner.input_spec)
+        tracker = _tracker(tensorboard, learner.config)
     except BaseException:
         if learner.run is not None:
             learner.run.close()
@@ -216,10 +231,10 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
         import torch
 
         torch.set_num_threads(threads)
-    _fit(learner, stream, src, out, progress=progress, plots=plots)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
 
 
-def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool) -> None:
+def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool, tracker=None) -> None:
     from rich.text import Text
 
     from .._common import console
@@ -242,10 +257,15 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
         learner.callbacks.append(bars)
+        if tracker is not None:
+            learner.callbacks.append(tracker)
+            con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
     try:
         with bars:
             metrics = learner.fit(stream)
     finally:
+        if tracker is not None:
+            tracker.close()
         if learner.run is not None:
             learner.run.close()  # release the run's lock now, not whenever the learner is garbage-collected
     if not main:
