@@ -54,7 +54,7 @@ class LiveProgress(_Base):
     def __init__(self, console: Console, **kw: Any):
         super().__init__(console, **kw)
         self.progress = Progress(
-            TextColumn("{task.description:<22}"), BarColumn(bar_width=28), MofNCompleteColumn(),
+            TextColumn("{task.description:<20}"), BarColumn(bar_width=12), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
             refresh_per_second=8,
         )
@@ -91,7 +91,7 @@ class LiveProgress(_Base):
         p = self.progress
         if kind == "task_start":
             self.names[event["task"]] = str(event.get("name", event["task"]))
-            p.update(self.tasks_bar, description=f"task {event['task']} {self.names[event['task']]}"[:22],
+            p.update(self.tasks_bar, description=f"task {event['task']} {self.names[event['task']]}"[:20],
                      info=f"{event.get('claimed_units', 0):,} free units claimed")
             p.update(self.prune_bar, visible=False)
             self.phase = None
@@ -112,10 +112,10 @@ class LiveProgress(_Base):
                     visible=True)
         elif kind == "prune_step":
             self.prune_steps = int(event.get("k", self.prune_steps)) + 1
-            verdict = "kept" if event.get("accepted") else "rolled back"
+            verdict = "kept" if event.get("accepted") else "undone"
             p.update(self.prune_bar, total=max(int(event.get("claim", 0)), 1),
                      completed=int(event.get("released_total", 0)),
-                     info=f"step {event.get('k')}: -{event.get('released')} units, val {event.get('val_acc', 0):.3f} "
+                     info=f"step {event.get('k')}: -{event.get('released')}, val {event.get('val_acc', 0):.3f}, "
                           f"{verdict}")
         elif kind == "task_end":
             self.done += 1
@@ -123,11 +123,12 @@ class LiveProgress(_Base):
             p.update(self.epoch_bar, visible=False)
             p.update(self.prune_bar, visible=False)
             p.console.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False,
-                            highlight=False)
+                            highlight=False, soft_wrap=True)
 
 
 class LineProgress(_Base):
-    """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes."""
+    """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes. Lines are
+    never broken at the console width (a pipe's 80 columns would split them for grep); a terminal wraps them."""
 
     def on_event(self, event: dict) -> None:
         kind = event.get("event")
@@ -137,21 +138,22 @@ class LineProgress(_Base):
             self.last = {}
             c.print(f"task {event['task']} {self.names[event['task']]} ({self.done + 1}/{self.num_tasks}): "
                     f"training {self.epochs} epochs on {event.get('claimed_units', 0):,} claimed units",
-                    markup=False, highlight=False)
+                    markup=False, highlight=False, soft_wrap=True)
         elif kind == "epoch" and event.get("phase") == "train":
             self.last = event
         elif kind == "eval" and event.get("phase") == "train_end":
             last = self.last
             c.print(f"  trained: loss {last.get('loss', float('nan')):.3f}, train acc {last.get('train_acc', 0):.3f}, "
-                    f"val acc {event.get('val_acc', 0):.3f}", markup=False, highlight=False)
+                    f"val acc {event.get('val_acc', 0):.3f}", markup=False, highlight=False, soft_wrap=True)
         elif kind == "prune_step":
             verdict = "kept" if event.get("accepted") else "rolled back"
             c.print(f"  prune step {event.get('k')}: released {event.get('released')} units, val acc "
                     f"{event.get('val_acc', 0):.3f}, {verdict} ({event.get('released_total')}/{event.get('claim')} "
-                    f"of the claim released)", markup=False, highlight=False)
+                    f"of the claim released)", markup=False, highlight=False, soft_wrap=True)
         elif kind == "task_end":
             self.done += 1
-            c.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False, highlight=False)
+            c.print(task_line(event, self.names.get(event["task"], str(event["task"]))), markup=False, highlight=False,
+                    soft_wrap=True)
 
 
 def make_progress(console: Console, *, live: bool, **kw: Any) -> _Base:

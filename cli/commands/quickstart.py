@@ -52,6 +52,22 @@ def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
     return written
 
 
+def prediction_table(rows, folder: Path):
+    """``(file name, task, true class, predicted class, score, correct)`` rows under a title naming the folder."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..report import titled
+
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("image", overflow="fold")
+    for col in ("task", "true", "predicted", "score"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, task, cls, label, score, ok in rows:
+        table.add_row(Text(name), str(task), Text(cls), Text(label, style="green" if ok else "red"), f"{score:.3f}")
+    return titled(f"PNG files in {folder}", table)
+
+
 def command(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the run, the export, the "
                                       "images and the plots.")] = Path("anpyc-quickstart"),
@@ -126,25 +142,18 @@ def command(
     sidecars = export_all(learner, export_dir, threads=threads)
     for s in sidecars:
         con.print(f"task {s['task']}: {export_dir / s['file']}  params {s['params']:,}, parity vs torch "
-                  f"{s['parity']['max_abs_diff']:.1e}", highlight=False)
+                  f"{s['parity']['max_abs_diff']:.1e}", highlight=False, soft_wrap=True)
 
     con.rule("[bold]predict PNG files with onnxruntime (no torch)")
     images = _write_test_images(out / "images", stream)
     models = load_export(export_dir, threads=threads)
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("image", "task", "true", "predicted", "score"):
-        table.add_column(col, justify="left" if col == "image" else "right")
-    correct = 0
+    rows, correct = [], 0
     for path, task, cls in images:
         best = models.predict(task, [str(path)])[0][0]
         ok = best["label"] == cls
         correct += ok
-        table.add_row(Text(str(path)), str(task), Text(cls), Text(best["label"], style="green" if ok else "red"),
-                      f"{best['score']:.3f}")
-    con.print(table)
+        rows.append((path.name, task, cls, best["label"], best["score"], ok))
+    con.print(prediction_table(rows, out / "images"))
     con.print(f"{correct}/{len(images)} test digits classified correctly by the exported models", highlight=False)
 
     con.rule("[bold]files and next steps")
@@ -152,12 +161,12 @@ def command(
     con.print(f"ACC {100 * acc:.1f}% over {len(stream)} tasks; trained in {t_train:.0f}s, all done in "
               f"{time.time() - t0:.0f}s", style="bold", highlight=False)
     con.print(f"run:    {run}   (config.json, data.json, metrics.json, events.jsonl, state/)", highlight=False,
-              markup=False)
-    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False, markup=False)
-    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False, markup=False)
+              markup=False, soft_wrap=True)
+    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False, markup=False, soft_wrap=True)
+    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False, markup=False, soft_wrap=True)
     example = images[0][0] if images else "IMAGE.png"
     for line in (f"anpyc inspect {run}", f"anpyc eval {run}",
                  f"anpyc predict {export_dir} --task {images[0][1] if images else 0} {example}",
                  f"anpyc serve {export_dir}",
                  "anpyc train --model resnet18 --data path/to/images --out runs/mine --img-size 64"):
-        con.print(f"  {line}", highlight=False, markup=False)
+        con.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)

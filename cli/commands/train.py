@@ -275,6 +275,6 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
     if plots:
         written = write_plots(metrics, out / "plots")
         if written:
-            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False, markup=False)
+            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False, markup=False, soft_wrap=True)
     con.print(f"run: {out}  (next: anpyc eval {out} | anpyc inspect {out} | anpyc export {out})", highlight=False,
-              markup=False)
+              markup=False, soft_wrap=True)
