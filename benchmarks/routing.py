@@ -32,6 +32,17 @@ SECTION = "routing"
 SUITES = ("split-mnist", "split-digits")
 METHOD = "anpyc"  # the default method preset
 THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 0.95, 0.99)
+# Other scores a router could maximise, measured beside the one ExportedModels.route uses (for comparison only).
+CRITERIA = {
+    "max softmax probability": lambda z, p: p.max(axis=1),
+    "energy (log-sum-exp of the logits)": lambda z, p: _logsumexp(z),
+    "max logit": lambda z, p: z.max(axis=1),
+}
+
+
+def _logsumexp(z):
+    m = z.max(axis=1)
+    return m + __import__("numpy").log(__import__("numpy").exp(z - m[:, None]).sum(axis=1))
 
 
 def _test_inputs(task) -> tuple[Any, Any]:
@@ -48,7 +59,7 @@ def route_suite(name: str, seed: int, args) -> dict[str, Any]:
     import numpy as np
 
     from anpyc.export.exporter import export_all
-    from anpyc.export.runtime import ROUTING_CRITERION, load_export
+    from anpyc.export.runtime import ROUTING_CRITERION, load_export, softmax
 
     suite = forgetting.SUITES[name]
     spec = forgetting.specs(suite, METHOD, [seed], quick=args.quick)[0]
@@ -65,9 +76,14 @@ def route_suite(name: str, seed: int, args) -> dict[str, Any]:
         ids = models.task_ids
         tasks, conf_all, own_all = [], [], []
         confusion = [[0] * len(ids) for _ in ids]
+        other = {name: 0 for name in CRITERIA}
         for j, task in zip(ids, stream):
             x, y = _test_inputs(task)
             known = np.asarray([p[0]["index"] for p in models.predict(j, x)])
+            logits = [models.logits(t, x).astype(np.float64) for t in ids]
+            for name, score in CRITERIA.items():
+                best = np.argmax(np.stack([score(z, softmax(z)) for z in logits], axis=1), axis=1)
+                other[name] += int((np.asarray(ids)[best] == j).sum())
             routed = models.route(x)
             to = np.asarray([r["task"] for r in routed])
             top = np.asarray([r["predictions"][0]["index"] for r in routed])
@@ -93,6 +109,9 @@ def route_suite(name: str, seed: int, args) -> dict[str, Any]:
         "acc_known": sum(t["acc_known"] * t["images"] for t in tasks) / images,
         "acc_routed": sum(t["acc_routed"] * t["images"] for t in tasks) / images,
         "acc_recorded": metrics.get("acc"), "tasks": tasks, "trust": trust, "confusion": confusion,
+        "other_criteria": {name: n / images for name, n in other.items()},
+        "confidence_wrong": float(conf[~own].mean()) if (~own).any() else None,
+        "confidence_right": float(conf[own].mean()) if own.any() else None,
         "train_seconds": train_s, "route_seconds": route_s, "route_ms_per_image": 1000 * route_s / max(images, 1),
     }
 
@@ -119,6 +138,26 @@ def trust_sentence(r: dict[str, Any]) -> str:
                 "task id.")
     return head + (" No confidence threshold makes it reliable (99%) on this stream: pass the task id when it is "
                    "known, and treat the routed task as a guess.")
+
+
+def why(r: dict[str, Any]) -> str:
+    """What the confusion says: how sure the task models are of images that are not theirs, which task attracts."""
+    conf = r["confusion"]
+    received = [sum(row[t] for row in conf) for t in range(len(conf))]
+    top = max(range(len(received)), key=lambda t: received[t])
+    parts = []
+    right, wrong = r.get("confidence_right"), r.get("confidence_wrong")
+    if right is not None and wrong is not None:
+        both = f"(mean confidence {wrong:.2f} of the wrong answers, {right:.2f} of the right ones)"
+        if wrong >= right - 0.05:
+            parts.append(f"Each task model learned its own classes only and is about as sure of another task's image "
+                         f"as of its own {both}")
+        else:
+            parts.append(f"Wrong answers are less sure than right ones {both}")
+    share = received[top] / max(sum(received), 1)
+    if share > 1.5 / len(conf):
+        parts.append(f"task {r['tasks'][top]['task']} answers {_pct(share)}% of all images")
+    return ("; ".join(parts) + ".") if parts else ""
 
 
 def render(results: list[dict[str, Any]], command: str, doc: dict[str, Any]) -> str:
@@ -156,7 +195,9 @@ def render(results: list[dict[str, Any]], command: str, doc: dict[str, Any]) -> 
         lines += ["", "| confidence at least | coverage (%) | own task (%) |", "|---|---|---|"]
         for t in r["trust"]:
             lines.append(f"| {t['threshold']:g} | {_pct(t['coverage'])} | {_pct(t['routed_own'])} |")
-        lines += ["", f"**When to trust it:** {trust_sentence(r)}"]
+        lines += ["", f"**When to trust it:** {trust_sentence(r)} {why(r)}"]
+        others = "; ".join(f"{name} {_pct(v)}%" for name, v in r["other_criteria"].items())
+        lines += ["", f"Other scores, for comparison (own task, overall): {others}."]
     return "\n".join(lines)
 
 
