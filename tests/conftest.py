@@ -112,3 +112,16 @@ class Served:
                 self.proc.kill()
                 self.proc.wait()
         return self.log()
+
+
+def png_bytes(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
+    """A random RGB image of ``w`` x ``h`` pixels, encoded as PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()

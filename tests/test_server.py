@@ -5,27 +5,18 @@ The token, /metrics and POST /predict (routing) are tested in test_server_ops.py
 
 from __future__ import annotations
 
-import io
 import json
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Served
-from PIL import Image
+from conftest import Served, png_bytes
 from typer.testing import CliRunner
 
 from anpyc.export import export_all, load_export
 from anpyc.export.testing import timm_source
 
 MAX_BODY = 256 * 1024  # the server under test refuses bodies over 256 KiB
-
-
-def _png(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +63,7 @@ def test_health_and_tasks(server, export_dir):
 
 def test_predict_images_multipart(server, export_dir):
     client, _ = server
-    imgs = [_png(40, 30, 1), _png(64, 64, 2)]
+    imgs = [png_bytes(40, 30, 1), png_bytes(64, 64, 2)]
     files = [("files", ("a.png", imgs[0], "image/png")), ("files", ("b.png", imgs[1], "image/png"))]
     r = client.post("/tasks/0/predict", params={"top_k": 2}, files=files)
     assert r.status_code == 200, r.text

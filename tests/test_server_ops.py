@@ -4,14 +4,12 @@ load), /metrics in Prometheus format (counted exactly), POST /predict without a 
 from __future__ import annotations
 
 import asyncio
-import io
 import sys
 
 import httpx
 import numpy as np
 import pytest
-from conftest import Served
-from PIL import Image
+from conftest import Served, png_bytes
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
@@ -21,13 +19,6 @@ from anpyc.export.testing import timm_source
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _png(seed: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, size=(36, 36, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +85,7 @@ def test_every_route_but_health_needs_the_token(secured, export_dir):
 
 
 def test_predict_without_a_task_id_routes(secured, export_dir):
-    imgs = [_png(1), _png(2), _png(3)]
+    imgs = [png_bytes(36, 36, seed) for seed in (1, 2, 3)]
     expected = load_export(export_dir).route(imgs, top_k=2)
     with httpx.Client(base_url=secured.base, timeout=30, headers=AUTH) as c:
         r = c.post("/predict", params={"top_k": 2}, files=[("f", (f"{i}.png", b, "image/png"))
