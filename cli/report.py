@@ -19,8 +19,8 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Col", "BlockedTable", "Joined", "titled", "accuracy_table", "task_table", "headline", "print_summary", "fmt_count",
-           "legend"]
+__all__ = ["Col", "BlockedTable", "Joined", "titled", "accuracy_table", "task_table", "headline", "print_summary",
+           "fmt_count", "legend"]
 
 # A drop of an earlier task (percentage points, vs. when it was learned) shown in yellow above this, red above 5.
 _DROP_WARN, _DROP_BAD = 0.5, 5.0

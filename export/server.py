@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match
 
 from anpyc.errors import AnpycError, ConfigError
 
@@ -194,8 +195,6 @@ class MetricsMiddleware:
         self.task_ids = {str(t) for t in task_ids}
 
     def _route(self, scope) -> tuple[str, dict[str, Any]]:
-        from starlette.routing import Match
-
         partial = None
         for route in self.routes:
             match, child = route.matches(scope)

@@ -76,9 +76,9 @@ def command(
     threads: Annotated[int, typer.Option("--threads", help="torch and onnxruntime CPU threads.")] = QUICKSTART_THREADS,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
-    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", file_okay=False, help="Also log to TensorBoard "
-                                                        "event files in this folder (pip install "
-                                                        "\"anpyc\\[tensorboard]\").")] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
+        "\"anpyc\\[tensorboard]\").")] = None,
 ) -> None:
     if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")

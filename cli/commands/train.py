@@ -103,10 +103,9 @@ def command(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots to RUN/plots.")] = True,
-    tensorboard: Annotated[Optional[Path], typer.Option("--tensorboard", file_okay=False, help="Also log to TensorBoard "
-                                                        "event files in this folder (pip install "
-                                                        "\"anpyc\\[tensorboard]\"); watch with tensorboard "
-                                                        "--logdir DIR.")] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
+        "\"anpyc\\[tensorboard]\"); watch with tensorboard --logdir DIR.")] = None,
 ) -> None:
     for value, flag in ((tasks, "--tasks"), (epochs, "--epochs"), (img_size, "--img-size"),
                         (batch_size, "--batch-size"), (threads, "--threads")):
