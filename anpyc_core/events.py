@@ -22,14 +22,17 @@ class Event:
 
     kind: ClassVar[str] = ""
     task: int | None = None  # the task id (a pruning strategy leaves it to its host to fill in)
+    time: float | None = field(default=None, metadata={"optional": True})  # wall time, set when the learner logs it
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": self.kind}
+        """The JSON line: ``time`` (once logged) and ``event`` first, then the fields, ``extra`` merged in."""
+        out: dict[str, Any] = {} if self.time is None else {"time": self.time}
+        out["event"] = self.kind
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name == "extra":
                 out.update(value)
-            elif value is not None or not f.metadata.get("optional"):
+            elif f.name != "time" and (value is not None or not f.metadata.get("optional")):
                 out[f.name] = value
         return out
 

@@ -16,6 +16,7 @@ strategies; its state goes to files through :mod:`anpyc.checkpoint`, its task mo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -440,8 +441,9 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ events
     def _log(self, event: Event) -> None:
+        event = dataclasses.replace(event, time=round(time.time(), 3))
         if self.run is not None:
-            append_jsonl(self.run.path / "events.jsonl", {"time": round(time.time(), 3), **event.to_dict()})
+            append_jsonl(self.run.path / "events.jsonl", event.to_dict())
         for c in self.callbacks:
             c.on_event(event)
 

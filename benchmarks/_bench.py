@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-__all__ = ["RunSpec", "run", "common_args", "setup_torch", "mean_std", "fmt_pm", "acc_curve", "write_section",
-           "command_line", "median", "git_commit", "machine", "ROOT"]
+__all__ = ["RunSpec", "run", "spec_stream", "new_learner", "common_args", "setup_torch", "mean_std", "fmt_pm",
+           "acc_curve", "write_section", "command_line", "median", "git_commit", "machine", "ROOT"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,16 +68,23 @@ def setup_torch(threads: int) -> None:
             pass
 
 
-def _stream(spec: RunSpec):
+def spec_stream(spec: RunSpec):
     from anpyc.adapters.data import make_stream
 
     return make_stream(spec.stream, seed=spec.seed, **spec.stream_kwargs)
 
 
+def new_learner(spec: RunSpec, cfg, stream):
+    """A fresh learner for ``spec`` on ``stream`` (no run directory), ready for ``learner.fit(stream)``."""
+    import anpyc
+
+    return anpyc.ContinualLearner(spec.backbone, input_spec=stream.input_spec, config=cfg,
+                                  model_kwargs=dict(spec.backbone_kwargs))
+
+
 def run(spec: RunSpec, *, device: str = "cpu", threads: int = 1, cache: Path | None = None, fresh: bool = False,
         log: Callable[[str], None] = print) -> dict:
     """Train ``spec`` on its stream (or read the cached result) and return metrics plus wall time."""
-    import anpyc
     from anpyc.config import to_dict
 
     cfg = spec.config(device=device, threads=threads)
@@ -88,10 +95,9 @@ def run(spec: RunSpec, *, device: str = "cpu", threads: int = 1, cache: Path | N
         return json.loads(path.read_text())
     from anpyc.errors import TrainingDiverged
 
-    stream = _stream(spec)
+    stream = spec_stream(spec)
     t0 = time.perf_counter()
-    learner = anpyc.ContinualLearner(spec.backbone, input_spec=stream.input_spec, config=cfg,
-                                     model_kwargs=dict(spec.backbone_kwargs))
+    learner = new_learner(spec, cfg, stream)
     diverged = None
     try:
         metrics = learner.fit(stream)

@@ -60,7 +60,7 @@ class LiveProgress(_Base):
     def __init__(self, console: Console, **kw: Any):
         super().__init__(console, **kw)
         self.progress = Progress(
-            TextColumn("{task.description:<22}"), BarColumn(bar_width=28), MofNCompleteColumn(),
+            TextColumn("{task.description:<20}"), BarColumn(bar_width=12), MofNCompleteColumn(),
             TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
             refresh_per_second=8,
         )
@@ -96,7 +96,7 @@ class LiveProgress(_Base):
         p = self.progress
         if isinstance(event, TaskStart):
             self.names[event.task] = event.name
-            p.update(self.tasks_bar, description=f"task {event.task} {event.name}"[:22],
+            p.update(self.tasks_bar, description=f"task {event.task} {event.name}"[:20],
                      info=f"{event.claimed_units:,} free units claimed")
             p.update(self.prune_bar, visible=False)
             self.phase = None
@@ -117,18 +117,20 @@ class LiveProgress(_Base):
         elif isinstance(event, PruneStep):
             self.prune_steps = event.k + 1
             p.update(self.prune_bar, total=max(event.claim, 1), completed=event.released_total,
-                     info=f"step {event.k}: -{event.released} units, val {event.val_acc:.3f} {_verdict(event)}")
+                     info=f"step {event.k}: -{event.released}, val {event.val_acc:.3f}, "
+                          f"{'kept' if event.accepted else 'undone'}")
         elif isinstance(event, TaskEnd):
             self.done += 1
             p.update(self.tasks_bar, completed=self.done, info="")
             p.update(self.epoch_bar, visible=False)
             p.update(self.prune_bar, visible=False)
             p.console.print(task_line(event, self.names.get(event.task, str(event.task))), markup=False,
-                            highlight=False)
+                            highlight=False, soft_wrap=True)
 
 
 class LineProgress(_Base):
-    """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes."""
+    """A few plain lines per task (start, end of training, each prune step, end): for logs and pipes. Lines are
+    never broken at the console width (a pipe's 80 columns would split them for grep); a terminal wraps them."""
 
     def on_event(self, event: Event) -> None:
         c = self.console
@@ -136,20 +138,21 @@ class LineProgress(_Base):
             self.names[event.task] = event.name
             self.last = None
             c.print(f"task {event.task} {event.name} ({self.done + 1}/{self.num_tasks}): training {self.epochs} "
-                    f"epochs on {event.claimed_units:,} claimed units", markup=False, highlight=False)
+                    f"epochs on {event.claimed_units:,} claimed units", markup=False, highlight=False, soft_wrap=True)
         elif isinstance(event, Epoch) and event.phase == "train":
             self.last = event
         elif isinstance(event, Eval) and event.phase == "train_end":
             loss, acc = (self.last.loss, self.last.train_acc) if self.last is not None else (float("nan"), 0.0)
             c.print(f"  trained: loss {loss:.3f}, train acc {acc:.3f}, val acc {event.val_acc:.3f}", markup=False,
-                    highlight=False)
+                    highlight=False, soft_wrap=True)
         elif isinstance(event, PruneStep):
             c.print(f"  prune step {event.k}: released {event.released} units, val acc {event.val_acc:.3f}, "
                     f"{_verdict(event)} ({event.released_total}/{event.claim} of the claim released)", markup=False,
-                    highlight=False)
+                    highlight=False, soft_wrap=True)
         elif isinstance(event, TaskEnd):
             self.done += 1
-            c.print(task_line(event, self.names.get(event.task, str(event.task))), markup=False, highlight=False)
+            c.print(task_line(event, self.names.get(event.task, str(event.task))), markup=False, highlight=False,
+                    soft_wrap=True)
 
 
 def make_progress(console: Console, *, live: bool, **kw: Any) -> _Base:

@@ -32,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "InputShapeError": "anpyc.export.errors",
     "ImageReadError": "anpyc.export.errors",
     "PayloadError": "anpyc.export.errors",
+    "UnsupportedMediaType": "anpyc.export.errors",
 }
 
 __all__ = sorted(_EXPORTS)

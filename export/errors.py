@@ -16,6 +16,7 @@ __all__ = [
     "InputShapeError",
     "ImageReadError",
     "PayloadError",
+    "UnsupportedMediaType",
 ]
 
 
@@ -45,3 +46,7 @@ class ImageReadError(DataError):
 
 class PayloadError(DataError):
     """A request body that is not what the endpoint accepts (garbage JSON, missing field, no files)."""
+
+
+class UnsupportedMediaType(PayloadError):
+    """A request body of a content type the endpoint does not read (it takes JSON or multipart images)."""

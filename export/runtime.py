@@ -3,6 +3,8 @@
     models = load_export("runs/x/export", threads=2)
     models.predict(0, ["cat.png", "dog.jpg"], top_k=3)
     # -> [[{"index": 3, "label": "cat", "score": 0.91}, ...], [...]]
+    models.route(["cat.png"])  # task unknown: every task model sees the input, the most certain one answers
+    # -> [{"task": 2, "name": "animals", "confidence": 0.87, "predictions": [...], "candidates": [...]}]
 
 On load every ONNX file's sha256 is checked against its sidecar and every path must stay inside the export
 directory. Images are preprocessed exactly like timm's eval transform
@@ -30,7 +32,8 @@ from anpyc.task import InputSpec
 from .errors import ExportDirError, ImageReadError, InputShapeError, UnknownTaskError
 from .formats import MANIFEST_FORMAT, READ_VERSIONS, SIDECAR_FORMAT
 
-__all__ = ["ExportedModels", "load_export", "make_session", "preprocess_image", "softmax"]
+__all__ = ["ExportedModels", "load_export", "make_session", "preprocess_image", "softmax", "normalized_entropy",
+           "ROUTING_CRITERION"]
 
 _CHUNK = 64  # samples per onnxruntime call, bounds memory on big batches
 
@@ -177,6 +180,22 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def normalized_entropy(probs: np.ndarray) -> np.ndarray:
+    """Predictive entropy of each row divided by ``log(num_classes)``: 0 = one class certain, 1 = uniform.
+
+    Dividing by the largest possible entropy puts tasks with different class counts on one scale (a uniform guess
+    over 10 classes has 3.3x the raw entropy of one over 2). A one-class task carries no evidence and scores 1.
+    """
+    n = probs.shape[-1]
+    if n < 2:
+        return np.ones(probs.shape[:-1])
+    p = np.clip(probs.astype(np.float64), 1e-300, 1.0)
+    return np.clip(-(probs * np.log(p)).sum(axis=-1) / math.log(n), 0.0, 1.0)
+
+
+ROUTING_CRITERION = "lowest normalised predictive entropy (entropy / log(num_classes)); confidence = 1 - that"
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -311,11 +330,7 @@ class ExportedModels:
     def logits(self, task: Any, inputs: Any, *, names: Sequence[str] | None = None) -> np.ndarray:
         """Raw logits ``[B, num_classes]`` for ``inputs`` (see :meth:`preprocess`)."""
         t = self._task_id(task)
-        x = self.preprocess(t, inputs, names=names)
-        sess = self.session(t)
-        s = self._sidecars[t]
-        outs = [sess.run([s["output_name"]], {s["input_name"]: x[i:i + _CHUNK]})[0] for i in range(0, len(x), _CHUNK)]
-        return np.concatenate(outs, axis=0)
+        return self._run(t, self.preprocess(t, inputs, names=names))
 
     def predict(self, task: Any, inputs: Any, top_k: int = 1, *,
                 names: Sequence[str] | None = None) -> list[list[dict[str, Any]]]:
@@ -323,15 +338,57 @@ class ExportedModels:
 
         ``top_k`` larger than the number of classes returns every class.
         """
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise DataError(f"top_k must be a positive integer, got {top_k!r}", "pass top_k >= 1")
+        _check_top_k(top_k)
         t = self._task_id(task)
         probs = softmax(self.logits(t, inputs, names=names))
         classes = self._sidecars[t]["classes"]
-        k = min(int(top_k), probs.shape[1])
-        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[{"index": int(j), "label": classes[j], "score": float(p[j])} for j in row]
-                for row, p in zip(order, probs)]
+        return _top_k(probs, classes, top_k)
+
+    def route(self, inputs: Any, top_k: int = 1, *, names: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Predict without a task id: every task model sees each input and the most certain one answers.
+
+        The criterion (:data:`ROUTING_CRITERION`) is the lowest normalised predictive entropy, see
+        :func:`normalized_entropy`; ties go to the lower task id. Per input: ``{"task", "name", "confidence",
+        "predictions", "candidates"}`` where ``confidence`` is 1 - the chosen task's normalised entropy,
+        ``predictions`` its top-``top_k`` classes (as :meth:`predict`) and ``candidates`` every task's confidence,
+        best first. How often this picks the right task is measured in BENCHMARKS.md (routing section).
+        """
+        _check_top_k(top_k)
+        ids = self.task_ids
+        batches: dict[InputSpec, np.ndarray] = {}  # tasks of one export share a spec: preprocess once
+        probs = {}
+        for t in ids:
+            spec = self._specs[t]
+            if spec not in batches:
+                batches[spec] = self.preprocess(t, inputs, names=names)
+            probs[t] = softmax(self._run(t, batches[spec]))
+        conf = np.stack([1.0 - normalized_entropy(probs[t]) for t in ids], axis=1)  # [B, tasks]
+        out = []
+        for i, row in enumerate(conf):
+            order = np.argsort(-row, kind="stable")  # stable: equal confidences keep the lower task id first
+            t = ids[int(order[0])]
+            out.append({"task": t, "name": self._sidecars[t].get("name"), "confidence": float(row[order[0]]),
+                        "predictions": _top_k(probs[t][i:i + 1], self._sidecars[t]["classes"], top_k)[0],
+                        "candidates": [{"task": ids[int(j)], "confidence": float(row[j])} for j in order]})
+        return out
+
+    def _run(self, task: int, x: np.ndarray) -> np.ndarray:
+        sess = self.session(task)
+        s = self._sidecars[task]
+        outs = [sess.run([s["output_name"]], {s["input_name"]: x[i:i + _CHUNK]})[0] for i in range(0, len(x), _CHUNK)]
+        return np.concatenate(outs, axis=0)
+
+
+def _check_top_k(top_k: Any) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise DataError(f"top_k must be a positive integer, got {top_k!r}", "pass top_k >= 1")
+
+
+def _top_k(probs: np.ndarray, classes: Sequence[str], top_k: int) -> list[list[dict[str, Any]]]:
+    k = min(int(top_k), probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return [[{"index": int(j), "label": classes[j], "score": float(p[j])} for j in row]
+            for row, p in zip(order, probs)]
 
 
 def _load_sidecar(root: Path, entry: Any) -> dict[str, Any]:

@@ -53,3 +53,75 @@ def randomized_norms():
         return module
 
     return apply
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """An `anpyc serve` subprocess on a free loopback port; its log goes to a file (a pipe would fill up)."""
+
+    def __init__(self, export_dir, *args: str, env: dict | None = None, timeout: float = 60):
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._log = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "anpyc.cli", "serve", str(export_dir), "--host", "127.0.0.1", "--port",
+               str(self.port), "--threads", "1", *args]
+        full_env = {k: v for k, v in os.environ.items() if k != "ANPYC_SERVE_TOKEN"}
+        full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"server exited with {self.proc.returncode}: {self.log()}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"server did not answer /health within {timeout:.0f} s: {self.log()}")
+            time.sleep(0.2)
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def stop(self) -> str:
+        """Stop the server; returns its log."""
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.log()
+
+
+def png_bytes(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
+    """A random RGB image of ``w`` x ``h`` pixels, encoded as PNG."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -102,3 +102,30 @@ def test_overhead_quick_writes_its_table(tmp_path):
     verdict = "met" if ratio <= 1.15 else f"missed by {ratio - 1.15:.2f}x"
     assert f"retrain phase {ratio:.2f}x ({verdict})" in text
     assert f"at most {worst:.2f} up to 254 tasks ({'met' if worst <= 2 else 'missed'})" in text
+
+
+def test_routing_quick_writes_its_table(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    routing = _load("routing")
+    assert routing.main(["--quick", "--suites", "split-digits", "--out", str(out), "--threads", "1"]) == 0
+    text = out.read_text()
+    assert "<!-- other:begin -->\nkept\n<!-- other:end -->" in text
+    assert "python benchmarks/routing.py --quick --suites split-digits --seeds 0 --threads 1" in text
+    doc = json.loads((tmp_path / "benchmarks/results/routing_quick.json").read_text())
+    r = doc["suites"][0]
+    rows = _rows(text, "routing")
+    assert [k for k in rows if ": " in k] == [f"{t['task']}: {t['name']}" for t in r["tasks"]]
+    for t in r["tasks"]:
+        row = rows[f"{t['task']}: {t['name']}"]
+        assert int(row[1]) == t["images"] > 0
+        assert _num(row[2]) == pytest.approx(100 * t["routed_own"], abs=0.05)
+        assert _num(row[3]) == pytest.approx(100 * t["acc_known"], abs=0.05)
+        assert 0.0 <= _num(row[4]) <= _num(row[2])  # right task and right class: at most the right task
+    assert int(rows["overall"][1]) == r["images"] == sum(t["images"] for t in r["tasks"])
+    assert sum(map(sum, r["confusion"])) == r["images"]
+    assert [row[t["task"]] for row, t in zip(r["confusion"], r["tasks"])] == [
+        round(t["routed_own"] * t["images"]) for t in r["tasks"]]
+    assert _num(rows["0"][1]) == 100.0  # every answer has confidence >= 0
+    assert "**When to trust it:** Routing picks the right task for" in text
+    assert "lowest normalised predictive entropy" in text

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from test_cli_width import assert_fits, assert_matrix, assert_task_rows
 from typer.testing import CliRunner
 
 from anpyc.cli.app import app
@@ -28,7 +29,7 @@ def test_quickstart_refuses_to_overwrite(tmp_path):
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
     out = tmp_path / "qs"
-    env = {**os.environ, "COLUMNS": "160"}
+    env = {**os.environ, "COLUMNS": "80"}  # a pipe's width: every table must fit it (test_cli_width.py)
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "anpyc.cli", "quickstart", "--out", str(out)], capture_output=True,
                        text=True, timeout=900, env=env)
@@ -51,4 +52,8 @@ def test_quickstart_end_to_end(tmp_path):
     for name in ("accuracy_matrix.png", "capacity.png", "accuracy_over_time.png"):
         assert (out / "run" / "plots" / name).stat().st_size > 10_000
     assert json.loads((out / "run" / "data.json").read_text())["source"] == "digits-split"
+    assert_fits(r.stdout)
+    assert_matrix(r.stdout, metrics["accuracy_matrix"], [t["id"] for t in metrics["tasks"]])
+    assert_task_rows(r.stdout, metrics)
+    assert "tasks: 0 = classes 0,1 · 1 = classes 2,3" in r.stdout
     print(f"quickstart: ACC {metrics['acc']:.3f} in {seconds:.0f}s wall")

@@ -325,3 +325,99 @@ def test_cli_predict_errors(image_export, vector_export, images, tmp_path):
     assert r.exit_code == 2 and "manifest" in r.stderr and "is missing" in r.stderr
     r = runner.invoke(app, ["predict", str(out), "--task", "0", str(images[0]), "--int8"])
     assert r.exit_code == 2 and "task 0 has no int8 model" in r.stderr
+
+
+# --------------------------------------------------------------------------- task routing (no task id)
+
+
+@pytest.fixture(scope="module")
+def routing_export(tmp_path_factory):
+    """Two vector tasks with fixed logits per input: 2 classes and 5 classes (entropy normalisation matters)."""
+    import torch
+    from torch import nn
+
+    from anpyc.export.testing import FakeSource
+
+    logp = {
+        # columns: one per basis input e0, e1, e2
+        0: [[0.7, 0.3], [0.5, 0.5], [0.99, 0.01]],
+        1: [[0.7, 0.075, 0.075, 0.075, 0.075], [0.96, 0.01, 0.01, 0.01, 0.01], [0.2] * 5],
+    }
+    modules = {}
+    for t, cols in logp.items():
+        m = nn.Linear(3, len(cols[0]), bias=False)
+        with torch.no_grad():
+            m.weight.copy_(torch.log(torch.tensor(cols, dtype=torch.float32)).T)
+        modules[t] = m
+    spec = InputSpec(kind="vector", shape=(3,), mean=(), std=(), interpolation="bilinear", crop_pct=1.0,
+                     color_mode="RGB")
+    src = FakeSource(modules, spec, backbone_name="linear", classes={0: ["a", "b"], 1: list("vwxyz")},
+                     names={0: "two", 1: "five"})
+    out = tmp_path_factory.mktemp("export-route")
+    export_all(src, out)
+    return out, logp
+
+
+def _norm_entropy(p):
+    p = np.asarray(p, dtype=np.float64)
+    return float(-(p * np.log(p)).sum() / np.log(len(p)))
+
+
+def test_route_picks_lowest_normalised_entropy(routing_export):
+    from anpyc.export.runtime import normalized_entropy
+
+    out, logp = routing_export
+    models = load_export(out)
+    x = np.concatenate([np.eye(3, dtype=np.float32), np.zeros((1, 3), np.float32)])
+    routed = models.route(x, top_k=2)
+    # e0: raw entropy prefers the 2-class task (0.61 < 1.03 nats), normalised entropy the 5-class one (0.88 > 0.64)
+    assert [r["task"] for r in routed] == [1, 1, 0, 0]  # the last input: both uniform, the tie goes to task 0
+    assert [r["name"] for r in routed] == ["five", "five", "two", "two"]
+    for i, r in enumerate(routed[:3]):
+        want = {t: 1 - _norm_entropy(logp[t][i]) for t in (0, 1)}
+        assert r["confidence"] == pytest.approx(want[r["task"]], abs=1e-5)
+        assert [c["task"] for c in r["candidates"]] == sorted(want, key=lambda t: -want[t])
+        assert {c["task"]: c["confidence"] for c in r["candidates"]} == pytest.approx(want, abs=1e-5)
+        assert r["predictions"] == models.predict(r["task"], x[i], top_k=2)[0]
+    assert routed[3]["confidence"] == pytest.approx(0.0, abs=1e-6)
+    assert routed[0]["predictions"][0]["label"] == "v" and routed[2]["predictions"][0]["label"] == "a"
+    assert normalized_entropy(np.array([[0.5, 0.5], [1.0, 0.0]])) == pytest.approx([1.0, 0.0])
+    assert normalized_entropy(np.array([[1.0]])) == pytest.approx([1.0])  # one class: no evidence
+
+
+def test_route_agrees_with_every_task_prediction(image_export, images):
+    _, out = image_export
+    models = load_export(out)
+    routed = models.route(images, top_k=3)
+    for i, r in enumerate(routed):
+        conf = {t: 1 - _norm_entropy([c["score"] for c in models.predict(t, images[i], top_k=5)[0]]) for t in (0, 1)}
+        best = max(conf, key=lambda t: (conf[t], -t))
+        assert r["task"] == best and r["confidence"] == pytest.approx(conf[best], abs=1e-6)
+        assert r["predictions"] == models.predict(best, images[i], top_k=3)[0]
+    with pytest.raises(DataError, match="top_k must be a positive integer"):
+        models.route(images, top_k=0)
+    with pytest.raises(InputShapeError, match="has shape"):
+        models.route(np.zeros((2, 3, 8, 8), np.float32))
+
+
+def test_cli_predict_task_auto(image_export, images):
+    from anpyc.cli.app import app
+
+    _, out = image_export
+    runner = CliRunner(env={"COLUMNS": "200"})
+    expected = load_export(out).route(images, top_k=2)
+    r = runner.invoke(app, ["predict", str(out), "--task", "auto", *map(str, images), "--top-k", "2"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [row["task"] for row in rows] == [e["task"] for e in expected]
+    assert [row["confidence"] for row in rows] == [e["confidence"] for e in expected]
+    assert [row["predictions"] for row in rows] == [e["predictions"] for e in expected]
+    assert all(row["routed"] is True for row in rows)
+    r = runner.invoke(app, ["predict", str(out), "--task", "AUTO", str(images[0]), "--format", "csv"])
+    assert r.exit_code == 0, r.output
+    table = list(csv.reader(io.StringIO(r.stdout)))
+    assert table[0] == ["input", "task", "confidence", "rank", "index", "label", "score"]
+    assert table[1][:2] == [str(images[0]), str(expected[0]["task"])]
+    assert float(table[1][2]) == pytest.approx(expected[0]["confidence"], abs=1e-6)
+    r = runner.invoke(app, ["predict", str(out), "--task", "any", str(images[0])])
+    assert r.exit_code == 2 and "'any' is neither a task id nor 'auto'" in _flat(r.output)

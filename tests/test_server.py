@@ -1,38 +1,22 @@
-"""The HTTP server, run for real: `anpyc serve` in a subprocess (uvicorn) on a free port, driven with httpx."""
+"""The HTTP server, run for real: `anpyc serve` in a subprocess (uvicorn) on a free port, driven with httpx.
+
+The token, /metrics and POST /predict (routing) are tested in test_server_ops.py.
+"""
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import Served, png_bytes
 from typer.testing import CliRunner
 
 from anpyc.export import export_all, load_export
 from anpyc.export.testing import timm_source
 
 MAX_BODY = 256 * 1024  # the server under test refuses bodies over 256 KiB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _png(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, "RGB").save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -44,35 +28,12 @@ def export_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(export_dir):
-    port = _free_port()
-    cmd = [sys.executable, "-m", "anpyc.cli", "serve", str(export_dir), "--host", "127.0.0.1", "--port", str(port),
-           "--threads", "1", "--max-body-mb", str(MAX_BODY / 2**20)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    srv = Served(export_dir, "--max-body-mb", str(MAX_BODY / 2**20))
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not answer /health within 60 s")
-            time.sleep(0.2)
-        with httpx.Client(base_url=base, timeout=30) as client:
-            yield client, proc
+        with httpx.Client(base_url=srv.base, timeout=30) as client:
+            yield client, srv.proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    log = proc.stdout.read()
+        log = srv.stop()
     # Every bad request above was answered with a 4xx, none reached the 500 path.
     assert "Traceback" not in log and " 500 " not in log, log
 
@@ -102,7 +63,7 @@ def test_health_and_tasks(server, export_dir):
 
 def test_predict_images_multipart(server, export_dir):
     client, _ = server
-    imgs = [_png(40, 30, 1), _png(64, 64, 2)]
+    imgs = [png_bytes(40, 30, 1), png_bytes(64, 64, 2)]
     files = [("files", ("a.png", imgs[0], "image/png")), ("files", ("b.png", imgs[1], "image/png"))]
     r = client.post("/tasks/0/predict", params={"top_k": 2}, files=files)
     assert r.status_code == 200, r.text

@@ -39,7 +39,7 @@ def command(
     from anpyc.learner import ContinualLearner
 
     from .._common import console
-    from ..report import accuracy_table, fmt_count, titled
+    from ..report import Joined, accuracy_table, fmt_count, titled
     from ..sources import read_source, resolve_source
 
     from anpyc.rundir import RunDir
@@ -106,8 +106,9 @@ def command(
     from rich.text import Text
 
     table = Table(show_edge=False, pad_edge=False)
-    for col in ("task", "samples", "accuracy now", "when learned", "change"):
-        table.add_column(col, justify="left" if col == "task" else "right", no_wrap=True)
+    table.add_column("task", overflow="fold")
+    for col in ("samples", "acc now", "acc learned", "change"):
+        table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         change = r["accuracy"] - r["learned"] if r["learned"] is not None else None
         table.add_row(Text(f"{r['task']}:{r['name']}"), fmt_count(r["samples"]), f"{100 * r['accuracy']:.1f}%",
@@ -117,11 +118,11 @@ def command(
                      f"{src.describe()}", table))
     if split is Split.test and task is None and len(learner.acc_test) > 1:
         con.print()
-        con.print(accuracy_table(learner.acc_test, [f"{r['task']}:{r['name']}" for r in rows],
+        con.print(accuracy_table(learner.acc_test, [(r["task"], r["name"]) for r in rows],
                                  title="recorded during training (test accuracy %, row = after learning task)"))
-    line = f"ACC {100 * result['acc']:.1f}%"
+    parts = [f"ACC {100 * result['acc']:.1f}%"]
     if "bwt" in result:
-        line += f"  |  BWT {100 * result['bwt']:+.1f} pts (now vs when learned)"
+        parts.append(f"BWT {100 * result['bwt']:+.1f} pts (now vs when learned)")
         if result.get("max_diff_to_recorded") is not None:
-            line += f"  |  max difference to the recorded last row {100 * result['max_diff_to_recorded']:.2f} pts"
-    con.print(line + f"  |  measured in {seconds:.1f}s", style="bold", highlight=False)
+            parts.append(f"max difference to the recorded last row {100 * result['max_diff_to_recorded']:.2f} pts")
+    con.print(Joined(parts + [f"measured in {seconds:.1f}s"], style="bold"))

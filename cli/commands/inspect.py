@@ -51,7 +51,6 @@ def command(
     import json
 
     import torch
-    from rich.table import Table
     from rich.text import Text
 
     from anpyc.io import load_tensors, read_json
@@ -59,7 +58,7 @@ def command(
     from anpyc.rundir import RunDir
 
     from .._common import console
-    from ..report import fmt_count, headline, task_table, titled
+    from ..report import BlockedTable, Col, fmt_count, headline, task_table, titled
 
     rd = RunDir(run, create=False, lock=False)
     manifest = rd.manifest()
@@ -124,26 +123,21 @@ def command(
         con.print()
     if groups and segments and records:
         kind = "tensor" if schema.get("granularity") == "element" else "group"
-        table = Table(show_edge=False, pad_edge=False)
-        table.add_column(kind, no_wrap=True)
-        table.add_column("kind" if kind == "group" else "shape", no_wrap=True)
-        table.add_column("units", justify="right")
-        for r in records:
-            table.add_column(str(r["id"]), justify="right")
-        table.add_column("free", justify="right")
-        for g in per_group:
-            table.add_row(Text(g["name"]), Text(g["kind"]), f"{g['size']:,}",
-                          *(f"{g['owned'][r['id']]:,}" for r in records), f"{g['free']:,}")
-        table.add_row(Text("total", style="bold"), "", f"{n_units:,}",
-                      *(Text(f"{owned_now[r['id']]:,}", style="bold") for r in records),
-                      Text(f"{free:,}", style="bold"))
+        rows = [[Text(g["name"]), Text(g["kind"]), f"{g['size']:,}",
+                 *(f"{g['owned'][r['id']]:,}" for r in records), f"{g['free']:,}"] for g in per_group]
+        rows.append([Text("total", style="bold"), "", f"{n_units:,}",
+                     *(Text(f"{owned_now[r['id']]:,}", style="bold") for r in records),
+                     Text(f"{free:,}", style="bold")])
+        lead = [Col(kind, justify="left", fold=True), Col("kind" if kind == "group" else "shape", justify="left"),
+                Col("units")]
+        table = BlockedTable(lead, [Col(str(r["id"])) for r in records] + [Col("free")], rows)
         con.print(titled(f"units owned per {kind} (columns: task ids; a task's subnetwork is every unit owned by it or "
                          "an earlier task)", table))
         con.print()
     con.print(Text.assemble(("mask file ", "bold"), f"{mask_path.relative_to(run)}: {fmt_count(mask_info['bytes'])}B, "
                             f"{mask_info['format']} v{mask_info['version']}, {n_units:,} x {mask_info['dtype']} owners "
-                            f"({mask_info['free_code']} = free), tasks {mask_info['tasks']}, sha256 "
-                            f"{str(mask_info['sha256'])[:12]}… (verified)"))
+                            f"({mask_info['free_code']} = free), tasks {mask_info['tasks']}, sha256:"
+                            f"{str(mask_info['sha256'])[:12]} (verified)"))
     if metrics["tasks"]:
         con.print(headline(metrics))
     if plots:

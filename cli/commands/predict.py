@@ -1,4 +1,4 @@
-"""Predict the classes of images with an exported task model (onnxruntime, no torch)."""
+"""Predict the classes of images with an exported task model (onnxruntime, no torch); --task auto routes."""
 
 from __future__ import annotations
 
@@ -8,16 +8,27 @@ from typing import Annotated
 
 import typer
 
+AUTO = "auto"
+
 
 class OutputFormat(str, Enum):
     json = "json"
     csv = "csv"
 
 
+def _task(value: str) -> str:
+    text = value.strip().lower()
+    if text != AUTO and not text.lstrip("-").isdigit():
+        raise typer.BadParameter(f"{value!r} is neither a task id nor 'auto'", param_hint="--task")
+    return text
+
+
 def command(
     export_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="Export directory.")],
     images: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Image files.")],
-    task: Annotated[int, typer.Option("--task", help="Task id (see the export's manifest.json).")],
+    task: Annotated[str, typer.Option("--task", parser=_task, help="Task id (see the export's manifest.json), or "
+                                      "'auto': every task model sees the image and the most certain one (lowest "
+                                      "normalised entropy) answers, naming its task and confidence.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to print per image.")] = 1,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.json,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
@@ -35,13 +46,21 @@ def command(
     from anpyc.export.runtime import load_export
 
     models = load_export(export_dir, threads=threads, int8=int8)
-    preds = models.predict(task, [str(p) for p in images], top_k=top_k)
-    if fmt is OutputFormat.json:
-        rows = [{"input": str(p), "task": task, "predictions": pr} for p, pr in zip(images, preds)]
-        typer.echo(json.dumps(rows, indent=2))
+    inputs = [str(p) for p in images]
+    if task == AUTO:
+        routed = models.route(inputs, top_k=top_k)
+        rows = [{"input": s, "task": r["task"], "routed": True, "confidence": r["confidence"],
+                 "predictions": r["predictions"]} for s, r in zip(inputs, routed)]
     else:
-        w = csv.writer(sys.stdout, lineterminator="\n")
-        w.writerow(["input", "rank", "index", "label", "score"])
-        for p, pr in zip(images, preds):
-            for rank, c in enumerate(pr, 1):
-                w.writerow([str(p), rank, c["index"], c["label"], f"{c['score']:.6f}"])
+        t = int(task)
+        rows = [{"input": s, "task": t, "predictions": pr} for s, pr in zip(inputs, models.predict(t, inputs, top_k))]
+    if fmt is OutputFormat.json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    w = csv.writer(sys.stdout, lineterminator="\n")
+    routed_cols = ["task", "confidence"] if task == AUTO else []  # a fixed task keeps the columns it always had
+    w.writerow(["input", *routed_cols, "rank", "index", "label", "score"])
+    for row in rows:
+        extra = [row["task"], f"{row['confidence']:.6f}"] if routed_cols else []
+        for rank, c in enumerate(row["predictions"], 1):
+            w.writerow([row["input"], *extra, rank, c["index"], c["label"], f"{c['score']:.6f}"])

@@ -52,6 +52,22 @@ def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
     return written
 
 
+def prediction_table(rows, folder: Path):
+    """``(file name, task, true class, predicted class, score, correct)`` rows under a title naming the folder."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from ..report import titled
+
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("image", overflow="fold")
+    for col in ("task", "true", "predicted", "score"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for name, task, cls, label, score, ok in rows:
+        table.add_row(Text(name), str(task), Text(cls), Text(label, style="green" if ok else "red"), f"{score:.3f}")
+    return titled(f"PNG files in {folder}", table)
+
+
 def command(
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the run, the export, the "
                                       "images and the plots.")] = Path("anpyc-quickstart"),
@@ -60,6 +76,9 @@ def command(
     threads: Annotated[int, typer.Option("--threads", help="torch and onnxruntime CPU threads.")] = QUICKSTART_THREADS,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
+        "\"anpyc\\[tensorboard]\").")] = None,
 ) -> None:
     if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
@@ -84,6 +103,11 @@ def command(
 
     con = console()
     overrides = {**QUICKSTART_CONFIG, "threads": threads}
+    tracker = None
+    if tensorboard is not None:  # a missing package fails here, before anything is written
+        from anpyc.adapters.tracking import TensorBoardLogger
+
+        tracker = TensorBoardLogger(tensorboard, retrain_epochs=QUICKSTART_CONFIG["prune.retrain_epochs"])
     stream = make_stream(QUICKSTART_STREAM, img_size=QUICKSTART_IMG_SIZE)
     con.rule("[bold]anpyc quickstart")
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
@@ -96,8 +120,15 @@ def command(
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
                          epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs)
     learner.callbacks.append(bars)
-    with learner, bars:  # the run's lock is released on the way out; the export below only reads the learner
-        metrics = learner.fit(stream)
+    if tracker is not None:
+        learner.callbacks.append(tracker)
+        con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
+    try:
+        with learner, bars:  # the run's lock is released on the way out; the export below only reads the learner
+            metrics = learner.fit(stream)
+    finally:
+        if tracker is not None:
+            tracker.close()
     t_train = time.time() - t0
 
     con.rule("[bold]result")
@@ -109,25 +140,18 @@ def command(
     sidecars = export_all(learner, export_dir, threads=threads)
     for s in sidecars:
         con.print(f"task {s['task']}: {export_dir / s['file']}  params {s['params']:,}, parity vs torch "
-                  f"{s['parity']['max_abs_diff']:.1e}", highlight=False)
+                  f"{s['parity']['max_abs_diff']:.1e}", highlight=False, soft_wrap=True)
 
     con.rule("[bold]predict PNG files with onnxruntime (no torch)")
     images = _write_test_images(out / "images", stream)
     models = load_export(export_dir, threads=threads)
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(show_edge=False, pad_edge=False)
-    for col in ("image", "task", "true", "predicted", "score"):
-        table.add_column(col, justify="left" if col == "image" else "right")
-    correct = 0
+    rows, correct = [], 0
     for path, task, cls in images:
         best = models.predict(task, [str(path)])[0][0]
         ok = best["label"] == cls
         correct += ok
-        table.add_row(Text(str(path)), str(task), Text(cls), Text(best["label"], style="green" if ok else "red"),
-                      f"{best['score']:.3f}")
-    con.print(table)
+        rows.append((path.name, task, cls, best["label"], best["score"], ok))
+    con.print(prediction_table(rows, out / "images"))
     con.print(f"{correct}/{len(images)} test digits classified correctly by the exported models", highlight=False)
 
     con.rule("[bold]files and next steps")
@@ -135,12 +159,12 @@ def command(
     con.print(f"ACC {100 * acc:.1f}% over {len(stream)} tasks; trained in {t_train:.0f}s, all done in "
               f"{time.time() - t0:.0f}s", style="bold", highlight=False)
     con.print(f"run:    {run}   (config.json, data.json, metrics.json, events.jsonl, state/)", highlight=False,
-              markup=False)
-    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False, markup=False)
-    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False, markup=False)
+              markup=False, soft_wrap=True)
+    con.print(f"plots:  {', '.join(str(p) for p in plots)}", highlight=False, markup=False, soft_wrap=True)
+    con.print(f"export: {export_dir}   images: {out / 'images'}", highlight=False, markup=False, soft_wrap=True)
     example = images[0][0] if images else "IMAGE.png"
     for line in (f"anpyc inspect {run}", f"anpyc eval {run}",
                  f"anpyc predict {export_dir} --task {images[0][1] if images else 0} {example}",
                  f"anpyc serve {export_dir}",
                  "anpyc train --model resnet18 --data path/to/images --out runs/mine --img-size 64"):
-        con.print(f"  {line}", highlight=False, markup=False)
+        con.print(f"  {line}", highlight=False, markup=False, soft_wrap=True)

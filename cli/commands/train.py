@@ -94,6 +94,9 @@ def command(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots to RUN/plots.")] = True,
+    tensorboard: Annotated[Optional[Path], typer.Option(
+        "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
+        "\"anpyc\\[tensorboard]\"); watch with tensorboard --logdir DIR.")] = None,
 ) -> None:
     for value, flag in ((tasks, "--tasks"), (epochs, "--epochs"), (img_size, "--img-size"),
                         (batch_size, "--batch-size"), (threads, "--threads")):
@@ -116,7 +119,7 @@ def command(
                                      f"drop {', '.join(given)} (or train a new run in another --out)",
                                      param_hint="--resume")
         _resume(out, model=model, data=data, stream_opts=stream_opts, tasks=tasks, threads=threads,
-                progress=progress, plots=plots)
+                progress=progress, plots=plots, tensorboard=tensorboard)
         return
 
     if (out / "run.json").exists():
@@ -166,15 +169,25 @@ def command(
         create_backbone(name)  # neither timm nor registered: raises ModelError naming close matches
     src = resolve_source(source, options=stream_opts, tasks=n_tasks, base=None if data else file_data.get("base"))
     stream = src.open()
+    tracker = _tracker(tensorboard, config)  # a missing package fails here, before the run directory exists
 
     from anpyc.learner import ContinualLearner
 
     learner = ContinualLearner(name, input_spec=stream.input_spec, out_dir=out, config=config, model_kwargs=kwargs)
-    _fit(learner, stream, src, out, progress=progress, plots=plots)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
+
+
+def _tracker(log_dir: Optional[Path], config):
+    """The TensorBoard callback for ``--tensorboard DIR`` (None without the flag)."""
+    if log_dir is None:
+        return None
+    from anpyc.adapters.tracking import TensorBoardLogger
+
+    return TensorBoardLogger(log_dir, retrain_epochs=config.prune.retrain_epochs)
 
 
 def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts: dict, tasks: Optional[int],
-            threads: Optional[int], progress: Optional[bool], plots: bool) -> None:
+            threads: Optional[int], progress: Optional[bool], plots: bool, tensorboard: Optional[Path]) -> None:
     from anpyc.errors import RunDirError
 
     from ..sources import read_source, resolve_source
@@ -199,6 +212,7 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
             raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
                                      "drop --model to resume it", param_hint="--model")
         stream = src.open(input_spec=learner.input_spec)
+        tracker = _tracker(tensorboard, learner.config)
     except BaseException:
         learner.close()
         raise
@@ -206,10 +220,10 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
         import torch
 
         torch.set_num_threads(threads)
-    _fit(learner, stream, src, out, progress=progress, plots=plots)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
 
 
-def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool) -> None:
+def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool, tracker=None) -> None:
     from rich.text import Text
 
     from .._common import console
@@ -232,8 +246,15 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
         learner.callbacks.append(bars)
-    with learner, bars:  # the run's lock is released now, not whenever the learner is garbage-collected
-        metrics = learner.fit(stream)
+        if tracker is not None:
+            learner.callbacks.append(tracker)
+            con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
+    try:
+        with learner, bars:  # the run's lock is released now, not whenever the learner is garbage-collected
+            metrics = learner.fit(stream)
+    finally:
+        if tracker is not None:
+            tracker.close()
     if not main:
         return
     con.print()
@@ -241,6 +262,6 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
     if plots:
         written = write_plots(metrics, out / "plots")
         if written:
-            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False, markup=False)
+            con.print(f"plots: {', '.join(str(p) for p in written)}", highlight=False, markup=False, soft_wrap=True)
     con.print(f"run: {out}  (next: anpyc eval {out} | anpyc inspect {out} | anpyc export {out})", highlight=False,
-              markup=False)
+              markup=False, soft_wrap=True)
