@@ -52,26 +52,19 @@ def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
 
 @torch.no_grad()
 def randomize_norms(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    """Give normalisation layers random affine parameters (weights in [0.5, 1.5), biases around 0) and BatchNorm
-    layers random statistics, and every other 1-d parameter a random shift: timm zero-initialises some norms, which
-    would make removed and kept channels indistinguishable, so equal outputs would prove nothing. Returns
-    ``module``."""
-    norms = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-    in_norm = set()
-    for m in module.modules():
-        if isinstance(m, norms):
-            if getattr(m, "weight", None) is not None:
-                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=generator))
-                in_norm.add(id(m.weight))
-            if getattr(m, "bias", None) is not None:
-                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=generator))
-                in_norm.add(id(m.bias))
-            if getattr(m, "running_mean", None) is not None:
-                m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
-                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+    """Give every 1-d parameter a random shift and BatchNorm layers random statistics, with every normalisation
+    weight at least 0.5 in magnitude: timm zero-initialises some norms, which would make removed and kept channels
+    indistinguishable, so equal outputs would prove nothing. Returns ``module``."""
     for p in module.parameters():
-        if p.ndim <= 1 and p.numel() > 0 and id(p) not in in_norm:
+        if p.ndim <= 1 and p.numel() > 0:
             p.copy_(p + 0.25 * torch.randn(p.shape, generator=generator, dtype=p.dtype) + 0.1)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(0.1 * torch.randn(m.running_mean.shape, generator=generator))
+            m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=generator))
+        w = getattr(m, "weight", None)
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)) and w is not None:
+            w.copy_(torch.where(w < 0, torch.clamp(w, max=-0.5), torch.clamp(w, min=0.5)))
     return module
 
 
