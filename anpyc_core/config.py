@@ -123,13 +123,43 @@ class PruneConfig:
     retrain_epochs: int = 2
     prune_final: bool = True
     min_units_per_group: int = 1
+    # the guard (search mode; anpyc.pruning.guard): paired per-sample comparison with the unpruned model
+    guard: str = "paired"
+    confidence: float = 1.0  # z: standard errors the drop must stay below the tolerance by
+    # gradual pruning (anpyc.pruning.gradual): dense epochs, then a cubic ramp to the budget inside the epochs
+    warmup: float = 0.3  # share of optim.epochs trained on the whole claim
+    ramp: float = 0.4  # share of optim.epochs over which the keep fraction falls to the budget
+    # the cheap search (anpyc.pruning.search)
+    search_tolerance: float = 0.05  # drop the no-retrain ranking accepts (retraining recovers part of it)
+    search_ratio: float = 0.7  # keep fraction of each rung of the ladder relative to the one above
+    min_keep: float = 0.02  # the ladder's lowest rung (share of the claim)
+    max_tries: int = 3  # retrains before the budget is taken as it is
+    calibration_batches: int = 8  # training batches that re-estimate BatchNorm statistics of a candidate
+    # capacity planning (anpyc.pruning.plan)
+    expected_tasks: int = 0  # stream length, this run's tasks included; 0 = unknown (rolling horizon)
+    horizon: int = 8  # without expected_tasks: each task may keep 1/horizon of the free units of every group
+    reserve: float = 0.0  # share of every group kept out of the plan
+    group_slack: float = 2.0  # a group may hold this many times its share of the task's budget
 
     def __post_init__(self) -> None:
         from .masks import MASK_SPACES
-        from .pruning import PRUNING
+        from .pruning import GUARDS, PRUNING
 
         _choice("prune.mode", self.mode, PRUNING)
         _choice("prune.granularity", self.granularity, MASK_SPACES)
+        _choice("prune.guard", self.guard, GUARDS)
+        _range("prune.confidence", self.confidence, low=0)
+        _range("prune.warmup", self.warmup, low=0, high=1)
+        _range("prune.ramp", self.ramp, low=0, high=1)
+        _range("prune.search_tolerance", self.search_tolerance, low=0, high=1)
+        _range("prune.search_ratio", self.search_ratio, low=0, high=1, low_open=True, high_open=True)
+        _range("prune.min_keep", self.min_keep, low=0, high=1, low_open=True)
+        _range("prune.max_tries", self.max_tries, low=1)
+        _range("prune.calibration_batches", self.calibration_batches, low=0)
+        _range("prune.expected_tasks", self.expected_tasks, low=0)
+        _range("prune.horizon", self.horizon, low=1)
+        _range("prune.reserve", self.reserve, low=0, high=1, high_open=True)
+        _range("prune.group_slack", self.group_slack, low=1)
         _range("prune.tolerance", self.tolerance, low=0, high=1)
         _range("prune.step", self.step, low=0, high=1, low_open=True)
         _range("prune.min_step", self.min_step, low=0, high=1, low_open=True)
@@ -152,6 +182,9 @@ class ConsolidationConfig:
     rule: str = "gate"
     strength: float = 100.0
     gate_quantile: float = 0.5
+    # within a task: while it retrains after a prune step, its kept weights are pulled toward their unpruned values,
+    # pull * sum(omega~ * (theta - theta_unpruned)^2) with omega~ its own normalised importance (0 disables)
+    pull: float = 0.0
 
     def __post_init__(self) -> None:
         from .consolidation import CONSOLIDATION
@@ -159,6 +192,7 @@ class ConsolidationConfig:
         _choice("consolidation.rule", self.rule, CONSOLIDATION)
         _range("consolidation.strength", self.strength, low=0)
         _range("consolidation.gate_quantile", self.gate_quantile, low=0, high=1, low_open=True)
+        _range("consolidation.pull", self.pull, low=0)
 
 
 REPLAY = ("none", "all")  # all: joint training on every task seen so far (the upper bound)

@@ -22,7 +22,8 @@ import torch
 from .config import ConsolidationConfig
 from .registry import Registry
 
-__all__ = ["CONSOLIDATION", "ACCUMULATE", "Consolidation", "create_consolidation", "accumulate_omega"]
+__all__ = ["CONSOLIDATION", "ACCUMULATE", "Consolidation", "Stack", "create_consolidation", "accumulate_omega",
+           "pull_toward"]
 
 CONSOLIDATION: Registry = Registry("consolidation rule")
 # how a task's importance joins the consolidated importance of the tasks before it (importance.accumulate)
@@ -43,7 +44,10 @@ def _sample_quantile(values: list[torch.Tensor], q: float, limit: int = 1 << 20)
 
 
 class Consolidation:
-    """Base rule: no protection. Subclasses override the hooks they need."""
+    """Base rule: no protection. Subclasses override the hooks they need; ``uses_omega`` says whether the rule
+    reads the consolidated importance (the learner only accumulates it for rules that do)."""
+
+    uses_omega = False
 
     def __init__(self, cfg: ConsolidationConfig):
         self.cfg = cfg
@@ -83,6 +87,8 @@ class NoConsolidation(Consolidation):
 @CONSOLIDATION.register("quadratic")
 class Quadratic(Consolidation):
     """strength * sum(omega~ * (theta - theta*)^2) over old elements."""
+
+    uses_omega = True
 
     def penalty(self, params):
         total = None
@@ -141,6 +147,52 @@ def create_consolidation(cfg: ConsolidationConfig) -> Consolidation:
     return CONSOLIDATION.get(cfg.rule)(cfg)
 
 
+class Stack(Consolidation):
+    """Several rules at once (their penalties add up; every hook runs in order)."""
+
+    def __init__(self, rules: list[Consolidation]):
+        self.rules = rules
+
+    def penalty(self, params):
+        terms = [t for t in (r.penalty(params) for r in self.rules) if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def gate(self, params):
+        for r in self.rules:
+            r.gate(params)
+
+    def after_step(self, params):
+        for r in self.rules:
+            r.after_step(params)
+
+    def end_epoch(self, params):
+        for r in self.rules:
+            r.end_epoch(params)
+
+
+class _Pull(Consolidation):
+    def __init__(self, strength: float, weight: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor]):
+        self.strength, self.weight, self.anchor = strength, weight, anchor
+
+    def penalty(self, params):
+        terms = [(w * (params[n] - self.anchor[n]).pow(2)).sum() for n, w in self.weight.items()]
+        return self.strength * sum(terms[1:], terms[0]) if terms else None
+
+
+def pull_toward(params: dict[str, torch.Tensor], anchor: dict[str, torch.Tensor], importance: dict[str, torch.Tensor],
+                own: dict[str, torch.Tensor], strength: float, quantile: float = 0.99) -> Consolidation:
+    """The within-task consolidation of a prune step: ``strength * sum(w * (theta - anchor)^2)`` over the elements
+    ``own`` marks (what the task keeps), with ``w`` the task's importance scaled by its ``quantile`` over those
+    elements and clipped to [0, 1], ``anchor`` the weights before the step. Pruning releases what the task needs
+    least; this pulls what it needs most back to where it was while the rest retrains around the gap. (Clipping
+    keeps the pull stable under plain SGD: an element with weight w is stable while lr * 2 * strength * w < 2 *
+    (1 + momentum), and importance has a long tail.)"""
+    q = _sample_quantile([importance[n][own[n]] for n in own if n in importance and bool(own[n].any())], quantile)
+    q = q if q > 0 else 1.0
+    weight = {n: (importance[n] / q).clamp(0, 1) * own[n] for n in own if n in importance and bool(own[n].any())}
+    return _Pull(strength, weight, {n: anchor[n] for n in weight})
+
+
 def accumulate_omega(omega: dict[str, torch.Tensor], scores: dict[str, torch.Tensor],
                      owned: dict[str, torch.Tensor], rule: str) -> dict[str, torch.Tensor]:
     """The consolidated importance after a task: its ``scores`` join ``omega`` by ``ACCUMULATE[rule]``, and every
@@ -152,4 +204,3 @@ def accumulate_omega(omega: dict[str, torch.Tensor], scores: dict[str, torch.Ten
         prev = out.get(n)
         out[n] = s if prev is None else acc(prev, s)
     return {n: v * owned[n].to(v.device) for n, v in out.items()}
-

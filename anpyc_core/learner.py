@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from . import checkpoint
 from .backbones import build_trunk
 from .config import LearnerConfig, method_config
-from .consolidation import accumulate_omega, create_consolidation
+from .consolidation import CONSOLIDATION, Consolidation, Stack, accumulate_omega, create_consolidation
 from .dist import DistContext, check_device, context, wrap_ddp
 from .errors import ConfigError, DataError, RunDirError
 from .events import Epoch, Eval, Event, TaskEnd, TaskStart
@@ -43,7 +43,8 @@ from .rundir import RunDir
 from .structure import Structure, feature_count
 from .subnet import TaskModel, measure, standalone
 from .task import InputSpec, Task, check_task
-from .training import derive_seed, evaluate, make_loader, make_optimizer, tagged_concat, train_epoch
+from .training import (correctness, derive_seed, evaluate, make_loader, make_optimizer, tagged_concat, take_batches,
+                       train_epoch)
 
 __all__ = ["ContinualLearner", "Callback", "TaskModel"]
 
@@ -272,13 +273,20 @@ class ContinualLearner:
         self.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
         self._log(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
 
+    def _strategy(self, task: Task):
+        """The prune strategy of ``task`` (none for the final task unless ``prune.prune_final``)."""
+        cfg = self.config.prune
+        return PRUNING.get(cfg.mode if (cfg.prune_final or not self._record(task.id).get("final")) else "none")
+
     def _train_phase(self, task: Task, k: int) -> None:
         cfg = self.config.optim
-        while self.cursor["epoch"] < cfg.epochs:
+        dense = getattr(self._strategy(task), "dense_epochs", None)  # a strategy that prunes inside the epochs
+        epochs = cfg.epochs if dense is None else dense(self.config.prune, cfg.epochs)
+        while self.cursor["epoch"] < epochs:
             epoch = self.cursor["epoch"]
             res = self._run_epoch(task, k, phase="train", step=0, epoch=epoch, cfg=cfg)
             self.cursor["epoch"] = epoch + 1
-            last = self.cursor["epoch"] >= cfg.epochs
+            last = self.cursor["epoch"] >= epochs
             self._log(Epoch(task=task.id, phase="train", epoch=epoch, loss=res.loss, train_acc=res.accuracy,
                             penalty=res.penalty))
             if last:
@@ -291,19 +299,18 @@ class ContinualLearner:
                 self.save(optimizer=True)
 
     def _prune_phase(self, task: Task, k: int) -> None:
-        cfg = self.config.prune
-        mode = cfg.mode if (cfg.prune_final or not self._record(task.id).get("final")) else "none"
-        strategy = PRUNING.get(mode)
-        state = strategy(LearnerHost(self, task, k), cfg, self.cursor.get("prune") or {}, task_index=k,
-                         a0=self.cursor["a0"])
+        state = self._strategy(task)(LearnerHost(self, task, k), self.config.prune, self.cursor.get("prune") or {},
+                                     task_index=k, a0=self.cursor["a0"])
         self.cursor.update(phase="consolidate", prune=state)
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:
         self._use_task(k)
-        # consolidate: the task's importance joins the accumulated importance; freed elements drop theirs
-        owned = {n: self.space.element_owner(n, tuple(p.shape)) != FREE for n, p in self.trunk.named_parameters()}
-        self.omega = accumulate_omega(self.omega, self._element_importance(task, k), owned,
-                                      self.config.importance.accumulate)
+        # consolidate: the task's importance joins the accumulated importance (for the rules that read it, so a
+        # hard freeze spends no importance pass here); freed elements drop theirs
+        if CONSOLIDATION.get(self.config.consolidation.rule).uses_omega:
+            owned = {n: self.space.element_owner(n, tuple(p.shape)) != FREE for n, p in self.trunk.named_parameters()}
+            self.omega = accumulate_omega(self.omega, self._element_importance(task, k), owned,
+                                          self.config.importance.accumulate)
         # evaluate every task learned so far
         row_test, row_val = [], []
         for j in range(k + 1):
@@ -382,7 +389,9 @@ class ContinualLearner:
             return tagged_concat(parts)
         return task.train
 
-    def _run_epoch(self, task: Task, k: int, *, phase: str, step: int, epoch: int, cfg) -> Any:
+    def _run_epoch(self, task: Task, k: int, *, phase: str, step: int, epoch: int, cfg,
+                   extra: Consolidation | None = None) -> Any:
+        """One epoch of task index ``k`` under its consolidation rule (plus ``extra``, e.g. a prune step's pull)."""
         self._use_task(k)
         params = self._params()
         if self._optimizer is None:
@@ -398,6 +407,8 @@ class ContinualLearner:
                                     type(self.config.consolidation)(rule="none"))
         old = self._old_masks(k)
         cons.begin(params, self.omega, self.anchor, old)
+        if extra is not None:
+            cons = Stack([cons, extra])
         decay = {n: (~m).float() for n, m in old.items()}
         seed = derive_seed(self.config.seed, task.id, phase, step, epoch)
         torch.manual_seed(seed)
@@ -421,6 +432,39 @@ class ContinualLearner:
         self._use_task(k)
         self.model.eval()
         return evaluate(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
+
+    def _correct(self, k: int, dataset: Dataset) -> torch.Tensor:
+        """Per-sample correctness of task index ``k``'s subnetwork on ``dataset`` (eval mode)."""
+        self._use_task(k)
+        self.model.eval()
+        return correctness(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
+
+    @torch.no_grad()
+    def _recalibrate(self, task: Task, k: int) -> None:
+        """Re-estimate the BatchNorm statistics task index ``k`` runs with on ``prune.calibration_batches`` training
+        batches (a cumulative average: after a prune step the old ones describe another network)."""
+        stats, n = self._stats_of(k), self.config.prune.calibration_batches
+        if not stats or n == 0:
+            return
+        modules = [self.trunk.get_submodule(m) for m in self.stat_names]
+        momenta = [m.momentum for m in modules]
+        for name, v in stats.items():
+            v.copy_(torch.ones_like(v) if name.endswith("running_var") else torch.zeros_like(v))
+        self._use_task(k)
+        self.model.train()
+        try:
+            for m in modules:
+                m.momentum = None  # cumulative average over the calibration batches
+            seed = derive_seed(self.config.seed, task.id, "calibrate", len(self.history))
+            for x, _ in take_batches(task.train, self.config.optim.batch_size, n, seed, self.device, self.ctx):
+                self.model(x, k)
+        finally:
+            for m, mom in zip(modules, momenta):
+                m.momentum = mom
+            self.model.eval()
+        for v in stats.values():
+            if v.is_floating_point():
+                self.ctx.all_reduce_mean_(v)
 
     def _val_accuracy(self, task: Task, k: int) -> float:
         ds = task.val if task.val is not None and len(task.val) > 0 else task.train

@@ -125,6 +125,10 @@ class MaskSpace(ABC):
         """JSON-ready description of the units, stored in the mask file's metadata."""
 
     # ------------------------------------------------------------------ pruning
+    @abstractmethod
+    def unit_groups(self) -> tuple[torch.Tensor, int]:
+        """The group of every unit (the units whose capacity is planned together) and the number of groups."""
+
     def releasable(self, order: torch.Tensor, count: int, task: int, minimum: int) -> torch.Tensor:
         """The first ``count`` units of ``order`` that may leave task ``task``'s subnetwork."""
         return order[:max(count, 0)]
@@ -174,6 +178,9 @@ class UnitSpace(MaskSpace):
 
     def norm_modules(self) -> list[str]:
         return list(self.structure.norm_units)
+
+    def unit_groups(self):
+        return self.structure.unit_group, len(self.structure.groups)
 
     def releasable(self, order, count, task, minimum):
         """Group minimums kept: a group never drops below ``minimum`` units of the task's subnetwork."""
@@ -313,6 +320,14 @@ class ElementSpace(MaskSpace):
     @classmethod
     def for_trunk(cls, trunk, example, *, num_features, verify, seed, model_name, layout):
         return cls({n: tuple(p.shape) for n, p in trunk.named_parameters() if p.requires_grad})
+
+    def unit_groups(self):
+        """One group per weight tensor."""
+        if getattr(self, "_groups", None) is None or self._groups.numel() != self.num_units:
+            self._groups = torch.zeros(self.num_units, dtype=torch.long)
+            for i, n in enumerate(self.names):
+                self._groups[self.offsets[n]: self.offsets[n] + self._view(self.owners, n).numel()] = i
+        return self._groups, len(self.names)
 
     def on_release(self, params, units):
         """The original zeroes released weights."""

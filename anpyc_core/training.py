@@ -24,7 +24,7 @@ from .importance import Importance
 from .registry import Registry
 
 __all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "OPTIMIZERS", "OptimizerRule", "train_epoch",
-           "evaluate", "EpochResult", "take_batches", "tagged_concat"]
+           "evaluate", "correctness", "EpochResult", "take_batches", "tagged_concat"]
 
 
 def derive_seed(*parts: object) -> int:
@@ -169,18 +169,22 @@ def train_epoch(
 
 
 @torch.no_grad()
+def correctness(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
+                device: torch.device) -> torch.Tensor:
+    """Whether ``forward``'s top-1 prediction is right, per sample of ``dataset`` in order (a bool vector on the
+    CPU): what the prune guard compares before and after a prune step."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    parts = [(forward(b[0].to(device)).argmax(1) == b[1].to(device)).cpu() for b in loader]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
+
+
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
              device: torch.device) -> float:
     """Top-1 accuracy of ``forward`` on ``dataset`` (NaN for an empty dataset)."""
     if dataset is None or len(dataset) == 0:
         return math.nan
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    correct = total = 0
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        correct += int((forward(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    return correct / total
+    right = correctness(forward, dataset, batch_size, device)
+    return int(right.sum()) / int(right.numel())
 
 
 def take_batches(dataset: Dataset, batch_size: int, max_batches: int, seed: int, device: torch.device,

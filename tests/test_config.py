@@ -16,7 +16,7 @@ CHOICES = {
     "optim.name": ("adamx", "adam, adamw, sgd"),
     "importance.measure": ("entropy", "entropy_taylor, fisher, magnitude, mas, si"),
     "importance.accumulate": ("mean", "max, sum"),
-    "prune.mode": ("gradual", "guarded, none, schedule"),
+    "prune.mode": ("stepwise", "gradual, guarded, none, schedule, search"),
     "prune.granularity": ("channel", "element, unit"),
     "consolidation.rule": ("soft", "gate, hard, none, quadratic"),
     "replay": ("some", "all, none"),

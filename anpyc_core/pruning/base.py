@@ -46,6 +46,13 @@ class PruneHost(Protocol):
     def restore(self, snap: object) -> None: ...
     def checkpoint(self, state: dict) -> None: ...
     def log(self, event: PruneStep) -> None: ...          # the host fills in the task id
+    # used by the search strategy (anpyc.pruning.search)
+    def unit_groups(self) -> tuple[torch.Tensor, int]: ...   # group index of every unit, number of groups
+    def budget(self) -> tuple[torch.Tensor, int]: ...        # units the task may keep per group and in total
+    def needed(self) -> torch.Tensor: ...                    # units it must keep per group (group minimums)
+    def val_correct(self) -> torch.Tensor: ...               # per-sample correctness on the validation set
+    def recalibrate(self) -> None: ...                       # re-estimate the task's BatchNorm statistics
+    def retrain_until(self, step: int, stop, pull_from: object) -> int: ...  # epochs run (stops once stop())
 
 
 def select_release(host: PruneHost, count: int) -> torch.Tensor:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from ..consolidation import pull_toward
 from ..events import Epoch, PruneStep
+from .plan import group_budget
 
 if TYPE_CHECKING:
     from ..learner import ContinualLearner
@@ -22,9 +24,11 @@ class LearnerHost:
 
     def __init__(self, learner: "ContinualLearner", task: "Task", k: int):
         self.l, self.task, self.k = learner, task, k
+        self._element_scores: dict[str, torch.Tensor] = {}  # of the last unit_scores(): what the pull weights by
 
     def unit_scores(self) -> torch.Tensor:
-        return self.l.space.unit_scores({n: s.cpu() for n, s in self.l._element_importance(self.task, self.k).items()})
+        self._element_scores = self.l._element_importance(self.task, self.k)
+        return self.l.space.unit_scores({n: s.cpu() for n, s in self._element_scores.items()})
 
     def claim(self) -> torch.Tensor:
         return self.l.space.owners == self.k
@@ -49,12 +53,71 @@ class LearnerHost:
                               train_acc=res.accuracy, penalty=res.penalty))
         self.l._optimizer = None
 
+    def retrain_until(self, step: int, stop: Callable[[], bool], pull_from: object) -> int:
+        """Retrain for at most ``prune.retrain_epochs``, stopping after the first epoch at which ``stop()`` holds;
+        with ``consolidation.pull`` the kept weights are pulled toward ``pull_from`` (a :meth:`snapshot`) by the
+        importance of the last :meth:`unit_scores`. Returns the epochs run."""
+        l = self.l
+        cfg = l.config
+        extra = None
+        if cfg.consolidation.pull > 0 and self._element_scores:
+            params = l._params()
+            anchor = {n: pull_from[0][n].to(p.device) for n, p in params.items()}
+            own = {n: (l.space.element_owner(n, tuple(p.shape)) == self.k).to(p.device) for n, p in params.items()}
+            extra = pull_toward(params, anchor, self._element_scores, own, cfg.consolidation.pull)
+        l._optimizer = None
+        epochs = 0
+        for epoch in range(cfg.prune.retrain_epochs):
+            res = l._run_epoch(self.task, self.k, phase="retrain", step=step, epoch=epoch, cfg=cfg.optim, extra=extra)
+            l._log(Epoch(task=self.task.id, phase="retrain", step=step, epoch=epoch, loss=res.loss,
+                         train_acc=res.accuracy, penalty=res.penalty))
+            epochs += 1
+            if stop():
+                break
+        l._optimizer = None
+        return epochs
+
+    def epochs(self) -> int:
+        """The task's training epochs (``optim.epochs``)."""
+        return self.l.config.optim.epochs
+
+    def train_epoch(self, epoch: int) -> None:
+        """Training epoch ``epoch`` of the task (the same batches as in the train phase), under the task's masks."""
+        res = self.l._run_epoch(self.task, self.k, phase="train", step=0, epoch=epoch, cfg=self.l.config.optim)
+        self.l._log(Epoch(task=self.task.id, phase="train", epoch=epoch, loss=res.loss, train_acc=res.accuracy,
+                          penalty=res.penalty))
+
     def val_accuracy(self) -> float:
         return self.l._val_accuracy(self.task, self.k)
 
+    def _val_set(self):
+        return self.task.val if self.task.val is not None and len(self.task.val) > 0 else self.task.train
+
     def val_size(self) -> int:
-        ds = self.task.val if self.task.val is not None and len(self.task.val) > 0 else self.task.train
-        return len(ds)
+        return len(self._val_set())
+
+    def val_correct(self) -> torch.Tensor:
+        return self.l._correct(self.k, self._val_set())
+
+    def recalibrate(self) -> None:
+        self.l._recalibrate(self.task, self.k)
+
+    def unit_groups(self) -> tuple[torch.Tensor, int]:
+        return self.l.space.unit_groups()
+
+    def budget(self) -> tuple[torch.Tensor, int]:
+        groups, num_groups = self.unit_groups()
+        cap, total = group_budget(self.l.space.owners, groups, num_groups, self.k, self.l.config.prune)
+        need = self.needed()
+        return torch.maximum(cap, need), max(total, int(need.sum()))
+
+    def needed(self) -> torch.Tensor:
+        """Per group, the task's own units its subnetwork needs to keep ``prune.min_units_per_group`` active."""
+        groups, num_groups = self.unit_groups()
+        owners = self.l.space.owners
+        older = torch.bincount(groups[owners.long() < self.k], minlength=num_groups)
+        own = torch.bincount(groups[owners == self.k], minlength=num_groups)
+        return (self.l.config.prune.min_units_per_group - older).clamp_min(0).minimum(own)
 
     def snapshot(self) -> object:
         l = self.l

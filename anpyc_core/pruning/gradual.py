@@ -1,0 +1,131 @@
+"""Gradual pruning inside the task's own training epochs: the default strategy.
+
+A structured subnetwork recovers from pruning by training as the small network it becomes, and retraining after
+the task's training is what made pruning cost several times the training. Here the task trains on its whole claim
+for the first ``prune.warmup`` of its epochs, then its keep fraction falls along a cubic ramp (Zhu & Gupta's
+gradual schedule) to its capacity budget (:mod:`~anpyc.pruning.plan`) over the next ``prune.ramp`` of them, one
+importance pass and release at the start of each ramp epoch, and it trains the rest at its budget: the prune phase
+costs a few importance passes and no extra epochs.
+
+The guard (:mod:`~anpyc.pruning.guard`) then decides on the evidence of the validation set, sample by sample
+against the model as it was before the ramp:
+
+* **below the budget**: units beyond what the task needs go back to the free pool when releasing them costs no
+  measurable accuracy as they are (no retraining): the smallest keep of a ladder under the budget
+  (``prune.search_ratio`` per rung, down to ``prune.min_keep``) whose drop against the trained model the guard
+  accepts at ``prune.tolerance``, BatchNorm statistics recalibrated first;
+* **at the budget**: whether the task kept its accuracy within its share (the drop against the unpruned model);
+  the verdict is logged (``within_budget``) and is what growth acts on where it is enabled.
+
+Everything the loop needs to resume (next epoch, the unpruned model's per-sample correctness, the ladder) is in the
+state dict of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..config import PruneConfig
+from ..events import PruneStep
+from .base import PRUNING, PruneHost, initial_state
+from .guard import judge
+from .plan import keep_set, ladder
+
+__all__ = ["prune_gradual", "ramp"]
+
+
+def ramp(top: float, target: float, steps: int) -> list[float]:
+    """Keep fractions after each of ``steps`` ramp epochs: cubic from ``top`` to ``target`` (fast first, then
+    slow, so the network adapts while the cuts get finer)."""
+    return [target + (top - target) * (1 - (p + 1) / steps) ** 3 for p in range(steps)]
+
+
+def _pack(mask: torch.Tensor) -> str:
+    return np.packbits(mask.numpy().astype(np.uint8)).tobytes().hex()
+
+
+def _unpack(text: str, n: int) -> torch.Tensor:
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
+
+
+def _keep(host: PruneHost, scores: torch.Tensor, count: int, cap: torch.Tensor) -> torch.Tensor:
+    groups, num_groups = host.unit_groups()
+    return keep_set(scores, host.claim(), groups, num_groups, cap, count, host.needed())
+
+
+def _dense_epochs(cfg: PruneConfig, epochs: int) -> int:
+    return min(epochs, max(1, int(round(cfg.warmup * epochs))))
+
+
+@PRUNING.register("gradual")
+def prune_gradual(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+    """Prune along a cubic ramp inside the task's epochs to its budget, then release what the guard finds unused."""
+    state = initial_state(state, int(host.claim().sum()), a0)
+    epochs = host.epochs()
+    dense = _dense_epochs(cfg, epochs)
+    steps = max(1, min(epochs - dense, int(round(cfg.ramp * epochs)))) if epochs > dense else 0
+    if "epoch" not in state:
+        cap, total = host.budget()
+        before = host.val_correct()
+        state.update(epoch=dense, c0=_pack(before), n_val=int(before.numel()),
+                     schedule=[max(f, total / max(state["claim"], 1)) for f in
+                               ramp(1.0, total / max(state["claim"], 1), steps)] if steps else [])
+    claim = state["claim"]
+    before = _unpack(state["c0"], state["n_val"])
+    cap, total = host.budget()
+    while state["epoch"] < epochs:
+        e = state["epoch"]
+        p = e - dense
+        if 0 <= p < len(state["schedule"]) and claim:
+            count = max(1, int(round(state["schedule"][p] * claim)))
+            kept = int(host.claim().sum())
+            if count < kept:
+                release = host.claim() & ~_keep(host, host.unit_scores(), count, cap)
+                host.release(release)
+                state["released"] += int(release.sum())
+        host.train_epoch(e)
+        state["epoch"] = e + 1
+        if state["epoch"] < epochs:
+            host.checkpoint(state)
+    if state["done"]:
+        return state
+    # at the budget: did the task keep its accuracy within its share?
+    at_budget = judge(cfg.guard, before, host.val_correct(), cfg.tolerance, cfg.confidence)
+    record = {"k": state["k"], "released": state["released"], "val_acc": float(before.float().mean()) - at_budget.drop,
+              "accepted": True, "decision": "budget", "keep": 1 - state["released"] / max(claim, 1),
+              "within_budget": at_budget.accepted, **at_budget.as_dict()}
+    state["steps"].append(record)
+    host.log(PruneStep(k=state["k"], released=record["released"], val_acc=record["val_acc"], accepted=True,
+                       claim=claim, released_total=state["released"],
+                       extra={key: record[key] for key in record if key not in PruneStep.__dataclass_fields__}))
+    state["k"] += 1
+    # below the budget: what the task does not use, released without retraining when the guard sees no loss
+    trained = host.val_correct()
+    kept = int(host.claim().sum())
+    if kept > 1 and cfg.min_keep * claim < kept:
+        scores = host.unit_scores()
+        for f in ladder(kept / claim * cfg.search_ratio, cfg.min_keep, cfg.search_ratio):
+            snap = host.snapshot()
+            release = host.claim() & ~_keep(host, scores, max(1, int(round(f * claim))), cap)
+            host.release(release)
+            host.recalibrate()
+            v = judge(cfg.guard, trained, host.val_correct(), cfg.tolerance, cfg.confidence)
+            if v.accepted:
+                state["released"] += int(release.sum())
+                rec = {"k": state["k"], "released": int(release.sum()), "accepted": True, "decision": "unused",
+                       "keep": f, **v.as_dict()}
+                state["steps"].append(rec)
+                host.log(PruneStep(k=state["k"], released=rec["released"], val_acc=float(trained.float().mean())
+                                   - v.drop, accepted=True, claim=claim, released_total=state["released"],
+                                   extra={key: rec[key] for key in rec if key not in PruneStep.__dataclass_fields__}))
+                state["k"] += 1
+                break
+            host.restore(snap)
+    state["done"] = True
+    host.checkpoint(state)
+    return state
+
+
+prune_gradual.dense_epochs = _dense_epochs  # the learner trains this many epochs before handing over
