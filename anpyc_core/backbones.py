@@ -10,6 +10,11 @@ The registry lives in the core because a run directory must be re-openable from 
 reads may choose code: ``run.json`` records a backbone as a *name* (resolved here, through the registry or timm) and
 its keyword arguments, never as an importable ``module:function``. A module built by the caller is recorded as
 ``custom`` and can only be given back by the caller (``ContinualLearner.load(dir, model=...)``).
+
+Weights come only from the caller: ``create_backbone(name, pretrained=True)`` (timm's hub weights; ``hf-hub:`` names
+pass to timm unchanged) or a file (:mod:`anpyc.weights`). The record keeps where they came from (``weights``,
+informational) and a name that rebuilds the architecture offline (a hub model's timm architecture, not its hub id);
+model options that would load weights are refused, so a file never makes anpyc read another file or go online.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -25,9 +31,11 @@ import torch.nn as nn
 from .errors import ModelError, RunDirError
 from .registry import Registry
 from .task import InputSpec
+from .weights import PRETRAINED, load_weights_file, pretrained_record, weights_choice
 
 __all__ = ["BACKBONES", "create_backbone", "list_backbones", "is_known", "MLP", "SimpleCNN", "as_trunk", "build_trunk",
-           "backbone_record", "custom_record", "name_from_record", "WEIGHT_OPTIONS", "LEGACY_FACTORY"]
+           "backbone_record", "custom_record", "name_from_record", "WEIGHT_OPTIONS", "LEGACY_FACTORY", "is_hub_name",
+           "RECORD_INFO"]
 
 BACKBONES: Registry = Registry("backbone")
 
@@ -37,6 +45,12 @@ WEIGHT_OPTIONS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "che
                   "cache_dir")
 # What run.json version 1 recorded as the factory of every named backbone (read as a name; never imported).
 LEGACY_FACTORY = "anpyc.adapters.backbones:create_backbone"
+# Model names timm resolves on the Hugging Face Hub (the architecture and its config come from there).
+HUB_PREFIXES = ("hf-hub:", "hf_hub:")
+# Record entries that only inform (where the weights and a hub model came from): kept, never acted on.
+RECORD_INFO = ("weights", "hub")
+# Keyword arguments anpyc sets itself when it builds a timm model (never taken from a hub model's saved arguments).
+OWN_ARGS = ("num_classes", "in_chans", "img_size")
 
 
 class _TimmContract(nn.Module):
@@ -124,48 +138,76 @@ def _cnn(input_spec: InputSpec | None = None, width: int = 32) -> nn.Module:
     return SimpleCNN(chans, int(width))
 
 
+def is_hub_name(name: str) -> bool:
+    """``hf-hub:owner/model``: a timm model on the Hugging Face Hub (checked by its form; the hub is not asked)."""
+    return isinstance(name, str) and name.startswith(HUB_PREFIXES) and bool(name.split(":", 1)[1].strip("/ "))
+
+
 def is_known(name: str) -> bool:
     import timm
 
-    return name in BACKBONES or name in timm.list_models() or timm.is_model(name)
+    return name in BACKBONES or is_hub_name(name) or name in timm.list_models() or timm.is_model(name)
 
 
 def _check_options(name: str, kwargs: dict[str, Any]) -> None:
     loading = sorted(set(kwargs) & set(WEIGHT_OPTIONS))
     if loading:
         raise ModelError(f"model option {loading[0]!r} of {name!r} would load weights; anpyc does not take weights "
-                         "through model options", "build the module with its weights and pass it (model=...)")
+                         "through model options", "pass --pretrained or --weights FILE (in Python: weights=...)")
 
 
-def _timm(name: str, input_spec: InputSpec | None, **kwargs: Any) -> nn.Module:
+def _create_timm(name: str, kw: dict[str, Any]) -> nn.Module:
+    """``timm.create_model``; when it goes online (pretrained weights, a hub model) its failures are user errors."""
     import timm
 
-    if not timm.is_model(name):
+    if not (kw.get("pretrained") or is_hub_name(name)):
+        return timm.create_model(name, **kw)
+    try:
+        return timm.create_model(name, **kw)
+    except (OSError, RuntimeError, ValueError, AssertionError) as e:  # network, hub, missing weights
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        what = "pretrained weights of" if kw.get("pretrained") else "hub model"
+        raise ModelError(f"cannot load the {what} {name!r} ({type(e).__name__}: {first})",
+                         "check the name and the network connection, or download the weights and pass "
+                         "--weights FILE") from None
+
+
+def _timm(name: str, input_spec: InputSpec | None, pretrained: bool, **kwargs: Any) -> nn.Module:
+    import timm
+
+    hub = is_hub_name(name)
+    if not hub and not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models() + BACKBONES.names(), n=4)
         raise ModelError(f"unknown model {name!r}",
                          f"did you mean {', '.join(close)}?" if close else "see `anpyc models` for valid names")
-    kw: dict[str, Any] = {"pretrained": False, "num_classes": 0, **kwargs}
+    kw: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0, **kwargs}
     if input_spec is not None and len(input_spec.shape) == 3:
         kw.setdefault("in_chans", input_spec.shape[0])
         size = tuple(input_spec.shape[1:])
-        default = tuple(timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))[1:]
+        default = None if hub else tuple(timm.get_pretrained_cfg_value(name, "input_size") or (3, 224, 224))[1:]
         if size != default and "img_size" not in kwargs:
             try:  # fixed-size models (ViT, Swin, ...) take their input size at construction
-                return timm.create_model(name, img_size=size if size[0] != size[1] else size[0], **kw)
+                return _create_timm(name, {"img_size": size if size[0] != size[1] else size[0], **kw})
             except TypeError:
                 pass
     try:
-        return timm.create_model(name, **kw)
+        return _create_timm(name, kw)
     except TypeError as e:
         raise ModelError(f"cannot create {name!r} with {sorted(kwargs)} ({e})", "check the model keyword arguments")
 
 
-def create_backbone(name: str, *, input_spec: InputSpec | None = None, **kwargs: Any) -> nn.Module:
-    """A feature trunk by name: a registered torch backbone (``mlp``, ``cnn``) or any timm model."""
+def create_backbone(name: str, *, input_spec: InputSpec | None = None, pretrained: bool = False,
+                    **kwargs: Any) -> nn.Module:
+    """A feature trunk by name: a registered torch backbone (``mlp``, ``cnn``) or any timm model (``hf-hub:``
+    names included); ``pretrained`` loads timm's pretrained weights (the caller's request only: never from a
+    file's model options)."""
     if not isinstance(name, str) or not name:
         raise ModelError(f"a backbone name must be a non-empty string, got {name!r}", "pass e.g. 'resnet18' or 'mlp'")
     _check_options(name, kwargs)
     if name in BACKBONES:
+        if pretrained:
+            raise ModelError(f"anpyc's own backbone {name!r} has no pretrained weights",
+                             "pass a weights file (--weights FILE) or a timm model name")
         factory: Callable[..., nn.Module] = BACKBONES.get(name)
         allowed = set(inspect.signature(factory).parameters) - {"input_spec"}
         unknown = sorted(set(kwargs) - allowed)
@@ -173,7 +215,7 @@ def create_backbone(name: str, *, input_spec: InputSpec | None = None, **kwargs:
             raise ModelError(f"backbone {name!r} has no option {unknown[0]!r}",
                              f"valid options: {', '.join(sorted(allowed))}")
         return factory(input_spec=input_spec, **kwargs)
-    return _timm(name, input_spec, **kwargs)
+    return _timm(name, input_spec, bool(pretrained), **kwargs)
 
 
 def list_backbones(pattern: str | None = None) -> list[str]:
@@ -195,16 +237,29 @@ def as_trunk(model: nn.Module) -> nn.Module:
 
 
 def build_trunk(model: nn.Module | str, input_spec: InputSpec, kwargs: dict[str, Any] | None,
-                record: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                record: dict[str, Any] | None = None, weights: Any = None) -> tuple[nn.Module, dict[str, Any]]:
     """The trunk a learner trains (a name built here, or the caller's module) and its run.json record (``record``:
-    the one a run saved, kept for a custom module given back by the caller)."""
+    the one a run saved, kept for a custom module given back by the caller). ``weights`` (``"pretrained"`` or a
+    file's path) sets its initial values; the record says where they came from (``weights``)."""
     kwargs = dict(kwargs or {})
+    choice = weights_choice(weights)
     if isinstance(model, str):
-        return as_trunk(create_backbone(model, input_spec=input_spec, **kwargs)), backbone_record(model, kwargs)
-    if isinstance(model, nn.Module):
-        return as_trunk(model), dict(record or custom_record(model))
-    raise ModelError(f"model must be an nn.Module or a model name, got {type(model).__name__}",
-                     "pass e.g. timm.create_model(name, num_classes=0) or a name like 'resnet18'")
+        _check_options(model, kwargs)  # before ``pretrained`` is passed on its own
+        trunk = as_trunk(create_backbone(model, input_spec=input_spec, pretrained=choice == PRETRAINED, **kwargs))
+        rec = _hub_record(trunk, model, kwargs) if is_hub_name(model) else backbone_record(model, kwargs)
+        if choice == PRETRAINED:
+            rec["weights"] = pretrained_record(trunk, model)
+    elif isinstance(model, nn.Module):
+        if choice == PRETRAINED:
+            raise ModelError("weights='pretrained' needs a model name (timm builds and loads it)",
+                             "pass the name, e.g. 'resnet18', or load the weights into your module yourself")
+        trunk, rec = as_trunk(model), dict(record or custom_record(model))
+    else:
+        raise ModelError(f"model must be an nn.Module or a model name, got {type(model).__name__}",
+                         "pass e.g. timm.create_model(name, num_classes=0) or a name like 'resnet18'")
+    if isinstance(choice, Path):
+        rec["weights"] = load_weights_file(trunk, choice)
+    return trunk, rec
 
 
 # ------------------------------------------------------------------------------------------------ run.json record
@@ -212,6 +267,18 @@ def build_trunk(model: nn.Module | str, input_spec: InputSpec, kwargs: dict[str,
 def backbone_record(name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """What run.json keeps of a backbone built by name."""
     return {"source": "name", "name": name, "kwargs": dict(kwargs)}
+
+
+def _hub_record(trunk: nn.Module, name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The record of a hub model: its timm architecture and the arguments its hub config gave (re-opening the run
+    rebuilds it offline; the hub id is kept in ``hub``)."""
+    cfg = getattr(trunk, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not isinstance(arch, str) or not arch:
+        raise ModelError(f"hub model {name!r} does not name its timm architecture", "pass a timm model name")
+    saved = getattr(trunk, "pretrained_model_args", None) or {}
+    args = {k: v for k, v in saved.items() if isinstance(k, str) and k not in OWN_ARGS and k not in WEIGHT_OPTIONS}
+    return {**backbone_record(arch, {**args, **kwargs}), "hub": name}
 
 
 def custom_record(model: nn.Module) -> dict[str, Any]:
@@ -244,7 +311,10 @@ def name_from_record(record: Any, where: str) -> tuple[str, dict[str, Any]] | No
     if source != "name":
         raise RunDirError(f"{where} has backbone source {str(source)[:40]!r} (expected 'name' or 'custom')", fix)
     name, kwargs = record.get("name"), record.get("kwargs") or {}
-    if not isinstance(name, str) or not name or ":" in name and not name.startswith(("hf-hub:", "hf_hub:")):
+    if isinstance(name, str) and name.startswith(HUB_PREFIXES):
+        raise RunDirError(f"{where} names the hub model {name[:80]!r}; re-opening a run never goes online",
+                          "re-create the run: anpyc records a hub model by its timm architecture")
+    if not isinstance(name, str) or not name or ":" in name:
         raise RunDirError(f"{where} names backbone {str(name)[:80]!r}, which is not a model name", fix)
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise RunDirError(f"{where} has malformed backbone options", "re-create the run")

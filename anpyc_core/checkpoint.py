@@ -11,7 +11,8 @@ says what is inside it (every file versioned, formats below) and what ``run.json
     optimizer.safetensors      optimizer state between epochs (optional)            anpyc.optimizer
     state.json                 cursor, task records, accuracy matrices, history
 
-plus ``init.safetensors`` (``anpyc.init``) beside the generations: the parameters at initialisation.
+plus ``init.safetensors`` (``anpyc.init``) beside the generations: the trunk at initialisation (its parameters by
+name, its persistent buffers as ``buffer/<name>``), the values loaded from ``weights`` when a run started from them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from . import __version__
-from .backbones import name_from_record
+from .backbones import RECORD_INFO, name_from_record
 from .config import LearnerConfig, from_dict, to_dict
 from .dist import context
 from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged
@@ -40,6 +41,7 @@ __all__ = ["manifest", "create_run", "write_manifest", "write_generation", "read
 
 PHASES = ("train", "prune", "consolidate", "done")  # where a task stands (state.json's cursor)
 INIT_FORMAT = "anpyc.init"
+BUFFER = "buffer/"  # init.safetensors: buffers beside the parameters (parameter names never hold a "/")
 
 
 def manifest(learner: "ContinualLearner") -> dict[str, Any]:
@@ -63,7 +65,7 @@ def create_run(out_dir: str | Path, learner: "ContinualLearner") -> RunDir:
         run.close()
         raise RunDirError(f"{out_dir} already holds a run", "resume it (--resume) or choose a new --out")
     atomic_write_json(run.path / "config.json", to_dict(learner.config))
-    write_init(run.path / "init.safetensors", learner.init_params)
+    write_init(run.path / "init.safetensors", learner.init_params, learner.init_buffers)
     write_manifest(run.path / "run.json", learner)
     return run
 
@@ -75,16 +77,39 @@ def write_manifest(path: Path, learner: "ContinualLearner") -> None:
     atomic_write_json(path, doc)
 
 
-def write_init(path: Path, params: dict[str, torch.Tensor]) -> None:
-    save_tensors(path, params, fmt=INIT_FORMAT, version=1,
-                 schema={"what": "trunk parameters at initialisation (re-initialises freed units)"})
+def write_init(path: Path, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]) -> None:
+    tensors = {**params, **{f"{BUFFER}{n}": b for n, b in buffers.items()}}
+    save_tensors(path, tensors, fmt=INIT_FORMAT, version=1,
+                 schema={"what": "trunk parameters at initialisation (re-initialises freed units); "
+                                 f"{BUFFER}<name>: its buffers (BatchNorm statistics, ...)"})
 
 
-def read_init(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
+def read_init(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """The parameters and buffers in ``init.safetensors`` (runs written before buffers were kept have none)."""
     if not path.exists():
         return None
     tensors, _ = load_tensors(path, fmt=INIT_FORMAT)
-    return {n: t.to(device) for n, t in tensors.items()}
+    params = {n: t.to(device) for n, t in tensors.items() if not n.startswith(BUFFER)}
+    return params, {n[len(BUFFER):]: t.to(device) for n, t in tensors.items() if n.startswith(BUFFER)}
+
+
+def restore_init(learner: "ContinualLearner", params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
+                 ) -> None:
+    """Put a run's initial values into ``learner``'s trunk (a run with no committed generation restarts from them:
+    the trunk a name builds is only the same when the run did not start from loaded weights)."""
+    own = dict(learner.trunk.named_parameters())
+    own.update(learner.trunk.named_buffers())
+    for n, t in {**params, **buffers}.items():
+        if n not in own or tuple(own[n].shape) != tuple(t.shape):
+            raise StateFileError(f"init.safetensors of run {learner.out_dir} has tensor {n} of shape "
+                                 f"{tuple(t.shape)} that this backbone does not have",
+                                 "resume with the same backbone and input size")
+    with torch.no_grad():
+        for n, t in {**params, **buffers}.items():
+            own[n].copy_(t)
+    learner.init_params = {n: p.detach().clone() for n, p in learner.trunk.named_parameters()}
+    learner.init_stats = {n: own[n].detach().clone() for n in learner.init_stats}
+    learner.init_buffers = {n: b.detach().clone() for n, b in learner.trunk.named_buffers() if n in buffers}
 
 
 def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = False) -> None:
@@ -195,7 +220,12 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
     if manifest.get("fingerprint") != learner.space.layout_key():
         raise StateFileError(f"run {out_dir} was trained with another unit layout",
                              "resume with the same backbone and input size")
-    learner.init_params = read_init(Path(out_dir) / "init.safetensors", learner.device) or learner.init_params
+    for key in RECORD_INFO:  # informational: kept in the record, never read or fetched
+        if key in backbone and key not in learner.backbone:
+            learner.backbone[key] = backbone[key]
+    init = read_init(Path(out_dir) / "init.safetensors", learner.device)
+    if init is not None:
+        restore_init(learner, *init)
     if manifest.get("generation") is not None:
         read_generation(run.state_dir(), learner)
     if not lock:

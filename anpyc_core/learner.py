@@ -74,8 +74,12 @@ class ContinualLearner:
         config: LearnerConfig | None = None,
         method: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        weights: str | Path | None = None,
         callbacks: Iterable[Callback] = (),
     ):
+        """``weights``: the trunk's initial values, ``"pretrained"`` (timm's weights for a model name) or the path
+        of a safetensors file or torch checkpoint (:mod:`anpyc.weights`); recorded in run.json, kept in
+        init.safetensors (a resumed run never needs the file again). Default: the backbone's own seeded init."""
         if config is None:
             config = method_config(method or "anpyc")
         elif method is not None and method != config.method:
@@ -86,16 +90,17 @@ class ContinualLearner:
                 raise ConfigError("no input size given", "pass input_size=(C, H, W) or input_spec=InputSpec(...)")
             shape = tuple(int(v) for v in input_size)
             input_spec = InputSpec(kind="image" if len(shape) == 3 else "vector", shape=shape)
-        self._build(model, input_spec, config, model_kwargs, callbacks, record=None, layout=None)
+        self._build(model, input_spec, config, model_kwargs, callbacks, record=None, layout=None, weights=weights)
         self.run: RunDir | None = checkpoint.create_run(out_dir, self) if out_dir is not None and self.ctx.is_main \
             else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
 
     def _build(self, model: nn.Module | str, input_spec: InputSpec, config: LearnerConfig,
                model_kwargs: dict[str, Any] | None, callbacks: Iterable[Callback], *, record: dict | None,
-               layout: list[dict] | None) -> None:
-        """Everything but the run directory: the trunk, its units and masks, empty task state. ``record`` and
-        ``layout`` (a run's backbone record and unit layout) rebuild a saved run exactly."""
+               layout: list[dict] | None, weights: str | Path | None = None) -> None:
+        """Everything but the run directory: the trunk (with its initial ``weights``), its units and masks, empty
+        task state. ``record`` and ``layout`` (a run's backbone record and unit layout) rebuild a saved run
+        exactly."""
         self.config = config
         self.callbacks = list(callbacks)
         check_device(config.device)
@@ -107,7 +112,7 @@ class ContinualLearner:
 
         # ------------------------------------------------------------ backbone
         torch.manual_seed(derive_seed(config.seed, "init"))
-        trunk, self.backbone = build_trunk(model, input_spec, model_kwargs, record)
+        trunk, self.backbone = build_trunk(model, input_spec, model_kwargs, record, weights)
         self.trunk = trunk = trunk.to(self.device).float()
         example = torch.randn((2, *input_spec.shape), generator=torch.Generator().manual_seed(0)).to(self.device)
         self._example = example
@@ -125,6 +130,7 @@ class ContinualLearner:
         self.init_stats = {f"{m}.{b}": getattr(trunk.get_submodule(m), b).detach().clone()
                            for m in self.stat_names for b in ("running_mean", "running_var", "num_batches_tracked")}
         self.init_params = {n: p.detach().clone() for n, p in trunk.named_parameters()}
+        self.init_buffers = {n: t.detach().clone() for n, t in trunk.state_dict().items() if n not in self.init_params}
 
         # ------------------------------------------------------------ state
         self.tasks: list[dict] = []  # records in learned order: id, name, classes

@@ -111,6 +111,10 @@ def command(
               f"{'x'.join(map(str, spec.get('shape') or []))}, method {metrics['method']}, "
               f"{schema.get('granularity')} granularity: {n_units:,} units in {len(segments)} "
               f"{'tensors' if schema.get('granularity') == 'element' else 'groups'}", highlight=False, markup=False)
+    if isinstance(bb.get("weights"), dict):
+        from anpyc.weights import describe_weights
+
+        con.print(describe_weights(bb["weights"]), highlight=False, markup=False)
     finished = sum(1 for r in records if r.get("done"))
     status = f"{finished} task(s) finished"
     if cursor and cursor.get("phase") not in (None, "done"):

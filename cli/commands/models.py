@@ -35,8 +35,8 @@ def command(
                 con.print(f"  {n:<6} {BACKBONES.describe(n)}", highlight=False, markup=False)
     rest = [n for n in timm_names if n in set(shown)]
     if rest:
-        con.print(f"[bold]timm models[/bold] ({len(timm_names)}{' matching' if pattern else ''}; random init, "
-                  "pretrained weights are never downloaded)")
+        con.print(f"[bold]timm models[/bold] ({len(timm_names)}{' matching' if pattern else ''}; random init; "
+                  "train --pretrained downloads timm's weights, --weights FILE loads yours)")
         con.print(Columns(rest, padding=(0, 2)))
     if limit and len(names) > limit:
         con.print(f"... {len(names) - limit} more (--limit 0 shows all)", highlight=False)

@@ -23,9 +23,12 @@ Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS.names(
 # Keys of a config file that are not LearnerConfig fields.
 FILE_KEYS = ("model", "data", "tasks")
 
-CONFIG_HELP = ("Config file (.toml, .yaml/.yml or .json): model (a name, or a table: name + backbone keyword "
-               "arguments), data (a benchmark/path, or a table: source + stream options), tasks, and any field of "
-               "RUN/config.json (method, seed, \\[optim], \\[prune], ...).")
+CONFIG_HELP = ("Config file (.toml, .yaml/.yml or .json): model (a name, or a table: name, pretrained = true or "
+               "weights = FILE (relative to the config file), backbone keyword arguments), data (a benchmark/path, "
+               "or a table: source + stream options), tasks, and any field of RUN/config.json (method, seed, "
+               "\\[optim], \\[prune], ...).")
+# Keys of the config file's model table that choose the initial weights, not backbone keyword arguments.
+WEIGHT_KEYS = ("pretrained", "weights")
 
 
 def _positive(value: Optional[int], flag: str) -> None:
@@ -42,7 +45,8 @@ def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[st
     if isinstance(m, str):
         model = {"name": m}
     elif isinstance(m, dict):
-        model = {"name": m.get("name"), "kwargs": {k: v for k, v in m.items() if k != "name"}}
+        model = {"name": m.get("name"), "kwargs": {k: v for k, v in m.items() if k not in ("name", *WEIGHT_KEYS)}}
+        model["weights"] = _file_weights(m, base)
     elif m is not None:
         raise ConfigError(f"config key 'model' must be a name or a table, got {m!r}", 'write model = "resnet18"')
     data: dict[str, Any] = {"base": base}
@@ -62,6 +66,27 @@ def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[st
         data["tasks"] = t
     learner = {k: v for k, v in doc.items() if k not in FILE_KEYS}
     return model, data, learner
+
+
+def _file_weights(table: dict[str, Any], base: Path) -> Optional[str | Path]:
+    """The initial weights a config file's model table asks for: "pretrained", a file (relative to the config
+    file's folder) or None."""
+    from anpyc.errors import ConfigError
+
+    pretrained, weights = table.get("pretrained", False), table.get("weights")
+    if not isinstance(pretrained, bool):
+        raise ConfigError(f"config key 'model.pretrained' must be true or false, got {pretrained!r}",
+                          "write pretrained = true")
+    if weights is not None and (not isinstance(weights, str) or not weights):
+        raise ConfigError(f"config key 'model.weights' must be the path of a weights file, got {weights!r}",
+                          'write weights = "resnet18.safetensors"')
+    if pretrained and weights:
+        raise ConfigError("config keys 'model.pretrained' and 'model.weights' are both set",
+                          "keep one: pretrained = true (timm's weights) or weights = FILE")
+    if weights:
+        path = Path(weights).expanduser()
+        return path if path.is_absolute() else base / path
+    return "pretrained" if pretrained else None
 
 
 def command(
@@ -89,6 +114,13 @@ def command(
                          ] = None,
     model_opts: Annotated[Optional[list[str]], typer.Option("--model-opt", help="Backbone keyword argument: "
                                                             "--model-opt drop_rate=0.1 (repeatable).")] = None,
+    pretrained: Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help="Start from timm's "
+                                                       "pretrained weights of --model (downloaded once; hf-hub: "
+                                                       "names too) \\[default: random init].",
+                                                       show_default=False)] = None,
+    weights: Annotated[Optional[Path], typer.Option("--weights", exists=True, dir_okay=False, help="Start from "
+                                                    "the weights in FILE (.safetensors, or a torch checkpoint read "
+                                                    "with weights_only=True); the classifier is ignored.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out where it stopped (same data; "
                                          "learned tasks are skipped; --tasks may add more).")] = False,
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
@@ -103,6 +135,9 @@ def command(
         _positive(value, flag)
     if lr is not None and not lr > 0:
         raise typer.BadParameter(f"must be > 0, got {lr}", param_hint="--lr")
+    if pretrained and weights is not None:
+        raise typer.BadParameter("pass one of --pretrained (timm's weights) and --weights FILE, not both",
+                                 param_hint="--weights")
     overrides = parse_assignments(settings, "--set")
     stream_opts = parse_assignments(data_opts, "--data-opt")
     kwargs = parse_assignments(model_opts, "--model-opt")
@@ -112,7 +147,7 @@ def command(
     if resume:
         recipe = {"--config": config_file, "--method": method, "--epochs": epochs, "--lr": lr,
                   "--batch-size": batch_size, "--seed": seed, "--device": device, "--set": settings,
-                  "--model-opt": model_opts}
+                  "--model-opt": model_opts, "--pretrained": pretrained, "--weights": weights}
         given = [flag for flag, v in recipe.items() if v]
         if given:
             raise typer.BadParameter(f"a resumed run keeps the configuration recorded in {out / 'config.json'}; "
@@ -140,6 +175,13 @@ def command(
         raise typer.BadParameter("which data? pass --data BENCHMARK|DIR (e.g. digits-split) or set data in --config",
                                  param_hint="--data")
     kwargs = {**(file_model.get("kwargs") or {}), **kwargs}
+    init = file_model.get("weights")  # flags override the file: --weights, --pretrained, --no-pretrained
+    if weights is not None:
+        init = weights
+    elif pretrained:
+        init = "pretrained"
+    elif pretrained is False and init == "pretrained":
+        init = None
     stream_opts = {**(file_data.get("options") or {}), **stream_opts}
     n_tasks = tasks if tasks is not None else file_data.get("tasks")
 
@@ -173,7 +215,8 @@ def command(
 
     from anpyc.learner import ContinualLearner
 
-    learner = ContinualLearner(name, input_spec=stream.input_spec, out_dir=out, config=config, model_kwargs=kwargs)
+    learner = ContinualLearner(name, input_spec=stream.input_spec, out_dir=out, config=config, model_kwargs=kwargs,
+                               weights=init)
     _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
 
 
@@ -208,7 +251,7 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
 
     learner = ContinualLearner.resume(out)
     try:
-        if model is not None and model != learner.backbone_name:
+        if model is not None and model not in (learner.backbone_name, learner.backbone.get("hub")):
             raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
                                      "drop --model to resume it", param_hint="--model")
         stream = src.open(input_spec=learner.input_spec)
@@ -245,6 +288,10 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
                                 f"{src.describe()} -> {out}"))
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
+        elif learner.backbone.get("weights") and learner.cursor is None:
+            from anpyc.weights import describe_weights
+
+            con.print(describe_weights(learner.backbone["weights"]), highlight=False, markup=False, soft_wrap=True)
         learner.callbacks.append(bars)
         if tracker is not None:
             learner.callbacks.append(tracker)
