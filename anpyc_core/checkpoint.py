@@ -28,6 +28,7 @@ from .config import LearnerConfig, from_dict, to_dict
 from .dist import context
 from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged
 from .fileio import atomic_write_json, finite, read_json
+from .growth import apply_growth
 from .masks import load_masks, save_masks
 from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
 from .task import InputSpec
@@ -52,7 +53,8 @@ def manifest(learner: "ContinualLearner") -> dict[str, Any]:
         "backbone": learner.backbone,
         "input_spec": learner.input_spec.to_dict(),
         "granularity": learner.space.granularity,
-        "layout": learner.space.schema().get("groups"),
+        "layout": learner.base_layout,  # the units before any growth; "growth" replays the widenings
+        "growth": [e.to_dict() for e in learner.growth],
         "fingerprint": learner.space.layout_key(),
         "tasks": [dict(r) for r in learner.tasks],
     }
@@ -137,6 +139,10 @@ def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = 
     save_tensors(d / "stats.safetensors", stats, fmt="anpyc.stats", version=1)
     save_tensors(d / "consolidation.safetensors", cons, fmt="anpyc.consolidation", version=1,
                  schema={"measure": learner.config.importance.measure, "rule": learner.config.consolidation.rule})
+    if learner.growth_values:
+        save_tensors(d / "growth.safetensors", learner.growth_values, fmt="anpyc.growth", version=1,
+                     schema={"events": [e.to_dict() for e in learner.growth],
+                             "what": "new entries of every tensor each widening added, '<event>/<tensor>'"})
     if opt is not None:
         flat, meta = flatten_optimizer(opt)
         save_tensors(d / "optimizer.safetensors", flat, fmt="anpyc.optimizer", version=1, schema=meta)
@@ -174,7 +180,7 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
         head = learner.model.add_head(r["index"], w.shape[0])
         head.load_state_dict({"weight": w, "bias": heads[f"head/{k}/bias"]})
     stats, _ = load_tensors(d / "stats.safetensors", fmt="anpyc.stats")
-    learner.stats = {}
+    learner.stats = {r["index"]: {} for r in learner.tasks}  # a trunk without BatchNorm keeps empty ones
     for key, v in stats.items():
         _, k, name = key.split("/", 2)
         learner.stats.setdefault(int(k), {})[name] = v.to(learner.device)
@@ -217,20 +223,46 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
         raise
     learner.run = run if lock else None
     learner.out_dir = Path(out_dir)
+    init = read_init(Path(out_dir) / "init.safetensors", learner.device)
+    if init is not None:
+        restore_init(learner, *init)
+    _replay_growth(learner, manifest, run if manifest.get("generation") is not None else None, out_dir)
     if manifest.get("fingerprint") != learner.space.layout_key():
         raise StateFileError(f"run {out_dir} was trained with another unit layout",
                              "resume with the same backbone and input size")
     for key in RECORD_INFO:  # informational: kept in the record, never read or fetched
         if key in backbone and key not in learner.backbone:
             learner.backbone[key] = backbone[key]
-    init = read_init(Path(out_dir) / "init.safetensors", learner.device)
-    if init is not None:
-        restore_init(learner, *init)
     if manifest.get("generation") is not None:
         read_generation(run.state_dir(), learner)
     if not lock:
         run.close()
     return learner
+
+
+def _replay_growth(learner: "ContinualLearner", manifest: dict, run: RunDir | None, out_dir) -> None:
+    """Widen the freshly built trunk as the run did (run.json's ``growth``, the new entries from the committed
+    generation's growth.safetensors), before any of its tensors load."""
+    events = manifest.get("growth") or []
+    if not events:
+        return
+    if not isinstance(events, list) or run is None:
+        raise StateFileError(f"run {out_dir} records growth but no committed state holds its values",
+                             "restore the run directory")
+    path = run.state_dir() / "growth.safetensors"
+    values, _ = load_tensors(path, fmt="anpyc.growth")
+    for e in events:
+        try:
+            k, task, group, units = int(e["index"]), int(e["task"]), str(e["group"]), int(e["units"])
+            free, reason = int(e.get("free", 0)), str(e.get("reason", ""))
+        except (KeyError, TypeError, ValueError):
+            raise StateFileError(f"run {out_dir} has a malformed growth record ({str(e)[:80]})",
+                                 "restore the run directory") from None
+        try:
+            apply_growth(learner, k, task, {group: (units, free)}, values=values, reason=reason)
+        except (StopIteration, ValueError) as err:
+            raise StateFileError(f"run {out_dir} cannot replay its growth of {group!r} ({err})",
+                                 "resume with the same backbone, input size and anpyc version") from None
 
 
 def flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:

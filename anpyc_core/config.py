@@ -21,6 +21,7 @@ __all__ = [
     "ImportanceConfig",
     "PruneConfig",
     "ConsolidationConfig",
+    "GrowConfig",
     "LearnerConfig",
     "METHODS",
     "method_config",
@@ -199,6 +200,26 @@ REPLAY = ("none", "all")  # all: joint training on every task seen so far (the u
 
 
 @dataclass(frozen=True)
+class GrowConfig:
+    """Widening the backbone when its free capacity runs out (anpyc.growth; structured units only).
+
+    At the start of a task, a group with fewer free units than ``min_free`` of its base width (its width before any
+    growth) grows by the shortfall, at least ``step`` of its base width, up to ``max_width`` times it; a task may
+    then keep up to ``min_free`` of every group's base width whatever its capacity plan says.
+    """
+
+    enabled: bool = True
+    min_free: float = 0.125
+    step: float = 0.125
+    max_width: float = 8.0
+
+    def __post_init__(self) -> None:
+        _range("grow.min_free", self.min_free, low=0, high=1, low_open=True)
+        _range("grow.step", self.step, low=0, high=1, low_open=True)
+        _range("grow.max_width", self.max_width, low=1)
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     """The full recipe of a continual-learning run."""
 
@@ -210,6 +231,7 @@ class LearnerConfig:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
     reinit_free: bool = True  # re-initialise free units before a task claims them
     replay: str = "none"  # none | all (joint training upper bound)
     eval_batch_size: int = 256
@@ -320,6 +342,8 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
 # ----------------------------------------------------------------------------------------------- method presets
 
 METHODS: Registry = Registry("method")
+# growth widens structured units owned task by task: the other methods own elements, or share everything
+NO_GROWTH = GrowConfig(enabled=False)
 
 
 def method_config(name: str, **overrides: Any) -> LearnerConfig:
@@ -342,14 +366,14 @@ def _anpyc_element() -> LearnerConfig:
     # Geometric guarded pruning down to 1% of a claim, 4 retrain epochs per step: the winner of the validation search
     # on permuted MNIST-5k at 50 tasks (benchmarks/forgetting.py --search --suites permuted50; BENCHMARKS.md). On
     # 10 tasks, keeping more per task (tolerance 0.01, linear steps) wins instead: a short stream needs no room.
-    return LearnerConfig(method="anpyc-element", consolidation=ConsolidationConfig(rule="hard"),
+    return LearnerConfig(method="anpyc-element", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="hard"),
                          prune=PruneConfig(granularity="element", tolerance=0.02, max_ratio=0.99, retrain_epochs=4,
                                            geometric=True, step=0.5))
 
 
 @METHODS.register("anpyc-soft", help="ANPyC with soft consolidation: quadratic penalty plus importance-gated updates")
 def _anpyc_soft() -> LearnerConfig:
-    return LearnerConfig(method="anpyc-soft", consolidation=ConsolidationConfig(rule="gate"))
+    return LearnerConfig(method="anpyc-soft", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="gate"))
 
 
 # The original's lambda = 3 multiplies its raw importance: the entropy *summed* over a batch of 256, so its scores
@@ -368,6 +392,7 @@ def _paper() -> LearnerConfig:
     # to the last hidden layer (0.75 drop rate in effect), so optim.dropout stays 0.
     return LearnerConfig(
         method="paper",
+        grow=NO_GROWTH,
         optim=OptimConfig(name="sgd", lr=0.02, momentum=0.0, batch_size=256, epochs=30, dropout=0.0),
         importance=ImportanceConfig(measure="entropy_taylor", max_batches=0, batch_size=256, accumulate="sum"),
         prune=PruneConfig(mode="schedule", granularity="element", step=0.1, first_ratio=0.5, decay=0.8,
@@ -390,6 +415,7 @@ def _paper() -> LearnerConfig:
 def _ewc() -> LearnerConfig:
     return LearnerConfig(
         method="ewc",
+        grow=NO_GROWTH,
         optim=OptimConfig(name="adam", lr=0.001),
         importance=ImportanceConfig(measure="fisher"),
         prune=PruneConfig(mode="none"),
@@ -401,6 +427,7 @@ def _ewc() -> LearnerConfig:
 def _mas() -> LearnerConfig:
     return LearnerConfig(
         method="mas",
+        grow=NO_GROWTH,
         importance=ImportanceConfig(measure="mas"),
         prune=PruneConfig(mode="none"),
         consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
@@ -412,6 +439,7 @@ def _si() -> LearnerConfig:
     # SGD with momentum (strength 0.001) beat Adam (lr 1e-3, best strength 0.01) on validation: 91.9 vs 90.5
     return LearnerConfig(
         method="si",
+        grow=NO_GROWTH,
         importance=ImportanceConfig(measure="si"),
         prune=PruneConfig(mode="none"),
         consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
@@ -424,6 +452,7 @@ def _packnet() -> LearnerConfig:
     # tied with 75% on validation and leaves far more capacity for later tasks (65% vs 94% used after 10 tasks)
     return LearnerConfig(
         method="packnet",
+        grow=NO_GROWTH,
         importance=ImportanceConfig(measure="magnitude"),
         prune=PruneConfig(mode="schedule", granularity="element", first_ratio=0.9, decay=1.0, step=0.5,
                           retrain_epochs=1),
@@ -434,11 +463,11 @@ def _packnet() -> LearnerConfig:
 
 @METHODS.register("finetune", help="fine-tuning: shared weights, no protection (lower bound)")
 def _finetune() -> LearnerConfig:
-    return LearnerConfig(method="finetune", prune=PruneConfig(mode="none"),
+    return LearnerConfig(method="finetune", grow=NO_GROWTH, prune=PruneConfig(mode="none"),
                          consolidation=ConsolidationConfig(rule="none"))
 
 
 @METHODS.register("joint", help="joint training on all tasks seen so far (upper bound, keeps all data)")
 def _joint() -> LearnerConfig:
-    return LearnerConfig(method="joint", prune=PruneConfig(mode="none"),
+    return LearnerConfig(method="joint", grow=NO_GROWTH, prune=PruneConfig(mode="none"),
                          consolidation=ConsolidationConfig(rule="none"), replay="all")

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Event", "TaskStart", "Epoch", "Eval", "PruneStep", "TaskEnd", "EVENTS"]
+__all__ = ["Event", "TaskStart", "Grow", "Epoch", "Eval", "PruneStep", "TaskEnd", "EVENTS"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +54,18 @@ class TaskStart(Event):
     name: str
     index: int
     claimed_units: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Grow(Event):
+    """Group ``group`` was widened by ``units`` units (to ``width``) before the task claimed its units."""
+
+    kind: ClassVar[str] = "grow"
+    group: str
+    units: int
+    width: int
+    free: int  # its free units before
+    reason: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,4 +113,4 @@ class TaskEnd(Event):
     flops: int
 
 
-EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (TaskStart, Epoch, Eval, PruneStep, TaskEnd)}
+EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (TaskStart, Grow, Epoch, Eval, PruneStep, TaskEnd)}

@@ -31,11 +31,12 @@ from .config import LearnerConfig, method_config
 from .consolidation import CONSOLIDATION, Consolidation, Stack, accumulate_omega, create_consolidation
 from .dist import DistContext, check_device, context, wrap_ddp
 from .errors import ConfigError, DataError, RunDirError
-from .events import Epoch, Eval, Event, TaskEnd, TaskStart
+from .events import Epoch, Eval, Event, Grow, TaskEnd, TaskStart
 from .fileio import append_jsonl, atomic_write_json, finite
+from .growth import GrowthEvent, apply_growth, plan_growth
 from .importance import create_importance, task_importance
 from .masked import MaskedModel
-from .masks import FREE, MASK_SPACES, MaskSpace
+from .masks import MASK_SPACES, MaskSpace
 from .metrics import run_metrics
 from .pruning import PRUNING
 from .pruning.host import LearnerHost
@@ -48,7 +49,7 @@ from .training import (correctness, derive_seed, evaluate, make_loader, make_opt
 
 __all__ = ["ContinualLearner", "Callback", "TaskModel"]
 
-MAX_TASKS = FREE  # owner ids are uint8; 255 means free
+MAX_TASKS = 32766  # owner ids widen from uint8 to int16 past 254 tasks (anpyc.masks); 32767 means free
 
 
 class Callback:
@@ -123,6 +124,9 @@ class ContinualLearner:
             trunk, example, num_features=self.num_features, verify=config.verify_structure, seed=config.seed,
             model_name=self.backbone.get("name"), layout=layout)
         self.structure: Structure | None = self.space.structure
+        self.base_layout = self.space.schema().get("groups")  # the units before any growth (what run.json records)
+        self.growth: list[GrowthEvent] = []  # every widening so far, replayed when the run is reopened
+        self.growth_values: dict[str, torch.Tensor] = {}  # their new entries, "<event>/<tensor>"
         self.model = MaskedModel(trunk, self.num_features, self.space.norm_modules()).to(self.device)
         self.model.feature_dropout = config.optim.dropout
         self.stat_names = [n for n, m in trunk.named_modules()
@@ -263,6 +267,11 @@ class ContinualLearner:
         k = len(self.tasks)
         self.tasks.append({"id": task.id, "name": task.name, "classes": list(task.classes), "index": k,
                            "final": final, "done": False})
+        self.space.make_room(k)
+        plan = plan_growth(self, k)
+        for e in apply_growth(self, k, task.id, plan, reason=f"fewer free units than grow.min_free = "
+                                                               f"{self.config.grow.min_free} of the base width"):
+            self._log(Grow(task=task.id, group=e.group, units=e.units, width=e.width, free=e.free, reason=e.reason))
         claimed = self.space.claim_free(k)
         if self.config.reinit_free and k > 0 and bool(claimed.any()):
             with torch.no_grad():
@@ -314,7 +323,8 @@ class ContinualLearner:
         # consolidate: the task's importance joins the accumulated importance (for the rules that read it, so a
         # hard freeze spends no importance pass here); freed elements drop theirs
         if CONSOLIDATION.get(self.config.consolidation.rule).uses_omega:
-            owned = {n: self.space.element_owner(n, tuple(p.shape)) != FREE for n, p in self.trunk.named_parameters()}
+            owned = {n: self.space.element_owner(n, tuple(p.shape)) != self.space.free
+                     for n, p in self.trunk.named_parameters()}
             self.omega = accumulate_omega(self.omega, self._element_importance(task, k), owned,
                                           self.config.importance.accumulate)
         # evaluate every task learned so far
@@ -487,7 +497,7 @@ class ContinualLearner:
     def _capacity_params(self) -> float:
         cost = self.space.unit_cost().double()
         total = float(cost.sum())
-        return float(cost[self.space.owners != FREE].sum()) / total if total else 0.0
+        return float(cost[self.space.owners != self.space.free].sum()) / total if total else 0.0
 
     # ------------------------------------------------------------------ events
     def _log(self, event: Event) -> None:

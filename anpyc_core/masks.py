@@ -29,12 +29,15 @@ from .structure import Structure, kept_positions, slice_trunk, walk
 __all__ = ["FREE", "MASK_SPACES", "MaskSpace", "UnitSpace", "ElementSpace", "save_masks", "load_masks", "schema_tasks",
            "MASKS_FORMAT", "MASKS_VERSION", "MASKS_READS"]
 
-FREE = 255
+FREE = 255  # the free marker of uint8 owners; a space's own marker is ``space.free`` (the largest owner value)
+WIDE = torch.int16  # owners of runs past 254 tasks (free = 32767)
 MASKS_FORMAT = "anpyc.masks"
-MASKS_VERSION = 2
+MASKS_VERSION = 3
 # version 1 listed the task indices (``"tasks": [0, 1, ...]``, ~4 bytes a task); version 2 stores their count
-# (``"num_tasks"``): indices are always 0..num_tasks-1. Both are read.
-MASKS_READS = (1, 2)
+# (``"num_tasks"``): indices are always 0..num_tasks-1; version 3 records the owner dtype (``"dtype"``: uint8, or
+# int16 once a run passes 254 tasks) with its free marker. All are read.
+MASKS_READS = (1, 2, 3)
+_DTYPES = {"uint8": torch.uint8, "int16": torch.int16}
 
 
 class MaskSpace(ABC):
@@ -43,6 +46,7 @@ class MaskSpace(ABC):
     granularity: str
     owners: torch.Tensor  # uint8, one per unit
     structure: Structure | None = None  # the walk's unit groups (structured spaces)
+    base_sizes: dict[str, int] = {}  # every group's width before any growth (anpyc.growth)
 
     @classmethod
     @abstractmethod
@@ -59,6 +63,18 @@ class MaskSpace(ABC):
     def num_units(self) -> int:
         return int(self.owners.numel())
 
+    @property
+    def free(self) -> int:
+        """The owner value of a free unit: the largest value of the owner dtype (255 for uint8)."""
+        return int(torch.iinfo(self.owners.dtype).max)
+
+    def make_room(self, task: int) -> None:
+        """Widen the owner dtype (uint8 -> int16) when task index ``task`` would reach the free marker."""
+        if task >= self.free - 1 and self.owners.dtype == torch.uint8:
+            wide = self.owners.to(WIDE)
+            wide[self.owners == FREE] = int(torch.iinfo(WIDE).max)
+            self.owners = wide
+
     # ------------------------------------------------------------------ ownership
     def active(self, task: int) -> torch.Tensor:
         """Units of task ``task``'s subnetwork: owned by ``task`` or an earlier task."""
@@ -66,16 +82,16 @@ class MaskSpace(ABC):
 
     def claim_free(self, task: int) -> torch.Tensor:
         """Give every free unit to ``task``; returns the mask of the units claimed."""
-        free = self.owners == FREE
+        free = self.owners == self.free
         self.owners[free] = task
         return free
 
     def release(self, units: torch.Tensor) -> None:
-        self.owners[units] = FREE
+        self.owners[units] = self.free
 
     def capacity(self) -> float:
         """Fraction of units owned by some task."""
-        return float((self.owners != FREE).float().mean()) if self.num_units else 0.0
+        return float((self.owners != self.free).float().mean()) if self.num_units else 0.0
 
     def capacity_by_task(self, tasks: list[int]) -> dict[int, float]:
         n = max(self.num_units, 1)
@@ -152,7 +168,7 @@ class MaskSpace(ABC):
 
     def load_owners(self, tensors: dict[str, torch.Tensor]) -> None:
         owners = tensors.get("owners")
-        if owners is None or owners.dtype != torch.uint8 or owners.shape != self.owners.shape:
+        if owners is None or owners.dtype not in _DTYPES.values() or owners.shape != self.owners.shape:
             raise StateFileError("mask file's owner tensor does not match this backbone's units",
                                  "use the mask file of this run (same backbone and input size)")
         self.owners = owners.clone()
@@ -169,6 +185,18 @@ class UnitSpace(MaskSpace):
         self.structure = structure
         self.param_names = param_names
         self.owners = torch.full((structure.num_units,), FREE, dtype=torch.uint8)
+        self.base_sizes = {g.name: g.size for g in structure.groups}
+
+    def grown(self, structure: Structure, name: str, m: int) -> "UnitSpace":
+        """The space of ``structure`` (this one with group ``name`` widened by ``m`` units): the same owners, the new
+        units free."""
+        g = next(g for g in self.structure.groups if g.name == name)
+        end = g.offset + g.size
+        space = UnitSpace(structure, self.param_names)
+        space.owners = torch.cat([self.owners[:end], torch.full((m,), self.free, dtype=self.owners.dtype),
+                                  self.owners[end:]])
+        space.base_sizes = dict(self.base_sizes)
+        return space
 
     @classmethod
     def for_trunk(cls, trunk, example, *, num_features, verify, seed, model_name, layout):
@@ -249,7 +277,7 @@ class UnitSpace(MaskSpace):
 
     def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         ext = self._ext(self.owners, 0)
-        owner = torch.zeros(shape, dtype=torch.uint8)
+        owner = torch.zeros(shape, dtype=self.owners.dtype)
         for dim, ids in self.structure.tensor_units.get(name, {}).items():
             owner = torch.maximum(owner, along(ext[ids], len(shape), dim).expand(shape))
         return owner
@@ -292,7 +320,8 @@ class UnitSpace(MaskSpace):
     def schema(self) -> dict:
         return {
             "granularity": self.granularity,
-            "free": FREE,
+            "free": self.free,
+            "dtype": str(self.owners.dtype).removeprefix("torch."),
             "fingerprint": self.structure.fingerprint(),
             "num_units": self.num_units,
             "groups": [{"name": g.name, "kind": g.kind, "offset": g.offset, "size": g.size}
@@ -372,7 +401,7 @@ class ElementSpace(MaskSpace):
     def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if name in self.offsets:
             return self._view(self.owners, name).clone()
-        return torch.zeros(shape, dtype=torch.uint8)
+        return torch.zeros(shape, dtype=self.owners.dtype)
 
     def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -398,7 +427,8 @@ class ElementSpace(MaskSpace):
     def schema(self) -> dict:
         return {
             "granularity": self.granularity,
-            "free": FREE,
+            "free": self.free,
+            "dtype": str(self.owners.dtype).removeprefix("torch."),
             "fingerprint": self.layout_key(),
             "num_units": self.num_units,
             "tensors": [{"name": n, "shape": list(self.shapes[n]), "offset": self.offsets[n]} for n in self.names],

@@ -36,11 +36,12 @@ from .fileio import atomic_write_json, read_json, sha256_file
 __all__ = ["RunDir", "RUN_FORMAT", "RUN_VERSION", "RUN_READS"]
 
 RUN_FORMAT = "anpyc.run"
-RUN_VERSION = 2
+RUN_VERSION = 3
 # version 1 recorded a named backbone with the importable factory that built it ({"factory": "module:function"});
 # version 2 records only its name ({"source": "name" | "custom"}): a file must not name code. Both are read (the
 # one factory string version 1 ever wrote is read as a name, see anpyc.backbones.name_from_record).
-RUN_READS = (1, 2)
+# version 3 adds "growth" (every widening of the backbone, replayed on open; "layout" is the layout before it).
+RUN_READS = (1, 2, 3)
 
 
 class RunDir:

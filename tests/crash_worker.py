@@ -1,6 +1,7 @@
-"""Worker for tests/test_crash_safety.py: trains (or resumes) a small run; prints READY once training starts.
+"""Worker for tests/test_crash_safety.py (and the growth test): trains (or resumes) a small run; prints READY once
+training starts.
 
-Usage: python crash_worker.py RUN_DIR
+Usage: python crash_worker.py RUN_DIR [grow]   (grow: an MLP stream whose free units run out, so it widens)
 """
 
 from __future__ import annotations
@@ -22,11 +23,19 @@ cfg = method_config("anpyc", **{
     "importance.batch_size": 8, "prune.mode": "guarded", "prune.step": 0.25, "prune.min_step": 0.1,
     "prune.tolerance": 0.3, "prune.retrain_epochs": 1,
 })
+model, kwargs = "cnn", {"width": 8}
+if sys.argv[2:] == ["grow"]:
+    stream = synthetic_stream(num_tasks=5, samples_per_class=24, vector=True, dim=32, seed=5)
+    cfg = method_config("anpyc", **{
+        "optim.epochs": 3, "optim.batch_size": 8, "optim.lr": 0.03, "importance.max_batches": 3,
+        "importance.batch_size": 8, "prune.mode": "gradual", "prune.horizon": 2, "grow.min_free": 0.5,
+        "grow.step": 0.25})
+    model, kwargs = "mlp", {"hidden": [16, 16]}
 if (run / "run.json").exists():
     learner = anpyc.ContinualLearner.resume(run)
 else:
-    learner = anpyc.ContinualLearner("cnn", input_spec=stream.input_spec, out_dir=run, config=cfg,
-                                     model_kwargs={"width": 8})
+    learner = anpyc.ContinualLearner(model, input_spec=stream.input_spec, out_dir=run, config=cfg,
+                                     model_kwargs=kwargs)
 print("READY", flush=True)
 learner.fit(stream)
 print("DONE", flush=True)

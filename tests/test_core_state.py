@@ -58,7 +58,7 @@ def test_masks_file_is_readable_with_safetensors_alone(tmp_path):
     learner, stream = _run(tmp_path / "run", num_tasks=2)
     _finish(learner, stream)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["format"] == "anpyc.run" and run["version"] == 2
+    assert run["format"] == "anpyc.run" and run["version"] == 3
     state = tmp_path / "run" / "state" / f"{run['generation']:06d}"
     with safe_open(state / "masks.safetensors", framework="pt") as f:
         meta = f.metadata()

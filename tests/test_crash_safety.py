@@ -20,8 +20,8 @@ WORKER = str(Path(__file__).with_name("crash_worker.py"))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
 
 
-def _start(run: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, WORKER, str(run)], env=ENV, stdout=subprocess.PIPE,
+def _start(run: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, WORKER, str(run), *args], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 

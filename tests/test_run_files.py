@@ -114,6 +114,6 @@ def test_version_1_runs_still_open(trained, tmp_path):
 
 def test_new_runs_record_a_name_not_code(trained):
     doc = json.loads((trained / "run.json").read_text())
-    assert doc["version"] == 2
+    assert doc["version"] == 3
     assert doc["backbone"] == {"source": "name", "name": "cnn", "kwargs": {"width": 4}}
     assert "factory" not in doc["backbone"]

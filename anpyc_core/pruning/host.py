@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -107,7 +108,12 @@ class LearnerHost:
 
     def budget(self) -> tuple[torch.Tensor, int]:
         groups, num_groups = self.unit_groups()
-        cap, total = group_budget(self.l.space.owners, groups, num_groups, self.k, self.l.config.prune)
+        floor = None
+        space, grow = self.l.space, self.l.config.grow
+        if grow.enabled and space.structure is not None:
+            floor = torch.tensor([math.ceil(grow.min_free * space.base_sizes.get(g.name, g.size))
+                                  for g in space.structure.groups], dtype=torch.long)
+        cap, total = group_budget(space.owners, groups, num_groups, self.k, self.l.config.prune, floor)
         need = self.needed()
         return torch.maximum(cap, need), max(total, int(need.sum()))
 

@@ -9,7 +9,9 @@ gives each group its own budget, so no task can empty a group that later tasks n
   may keep all of them;
 * without it (or past it), ``1 / prune.horizon`` of them: a rolling horizon that leaves ``(1 - 1/H)^k`` of every
   group free after ``k`` tasks;
-* ``prune.reserve`` of every group's units is held back from the plan entirely (for tasks nobody planned for).
+* ``prune.reserve`` of every group's units is held back from the plan entirely (for tasks nobody planned for);
+* where growth is enabled (:mod:`anpyc.growth`), a task may keep up to ``grow.min_free`` of every group's base
+  width whatever the shares above say: growth keeps that much free for it.
 
 The budget is a cap: the prune search (:func:`anpyc.pruning.strategies.prune_search`) keeps the least the guard
 allows, never more than the budget. Within the caps, units are kept by importance, globally across groups.
@@ -30,8 +32,8 @@ def _per_group(mask: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tor
     return torch.bincount(groups[mask], minlength=num_groups)
 
 
-def group_budget(owners: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, cfg: PruneConfig
-                 ) -> tuple[torch.Tensor, int]:
+def group_budget(owners: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, cfg: PruneConfig,
+                 floor: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """What task index ``k`` may keep: per group (``cap``) and in total (``owners``: every unit's owner; ``groups``:
     its group). The total is the task's share of the free units; a group may hold up to ``prune.group_slack`` times
     its own share, so the importance ranking can put more of the total where the task needs it (a new first layer
@@ -43,6 +45,10 @@ def group_budget(owners: torch.Tensor, groups: torch.Tensor, num_groups: int, k:
     remaining = max(int(remaining), 1)
     total = int(math.ceil(float(available.sum()) / remaining))
     cap = torch.ceil(available.double() * cfg.group_slack / remaining).long().minimum(claim)
+    if floor is not None:  # growth refills the pool: a task may keep up to ``floor`` units of every group
+        low = floor.minimum(available)
+        cap = torch.maximum(cap, low)
+        total = max(total, int(low.sum()))
     return cap, total
 
 

@@ -74,18 +74,22 @@ def command(
     metrics.update(method=(manifest.get("config") or {}).get("method"),
                    backbone=(manifest.get("backbone") or {}).get("name"))
     segments = _segments(schema)
+    free_code = int(schema.get("free", FREE))
+    base = {g.get("name"): g.get("size") for g in manifest.get("layout") or [] if isinstance(g, dict)}
+    growth = [e for e in manifest.get("growth") or [] if isinstance(e, dict)]
     per_group = []
     for seg in segments:
         o = owners[seg["offset"]: seg["offset"] + seg["size"]]
         counts = {r["id"]: int((o == r["index"]).sum()) for r in records}
-        per_group.append({**seg, "owned": counts, "free": int((o == FREE).sum())})
-    free = int((owners == FREE).sum())
+        per_group.append({**seg, "owned": counts, "free": int((o == free_code).sum()),
+                          "base_size": base.get(seg.get("name"), seg["size"])})
+    free = int((owners == free_code).sum())
     cursor = state.get("cursor") or {}
     files = manifest.get("files") or {}
     mask_info = {"path": str(mask_path), "bytes": mask_path.stat().st_size,
                  "sha256": files.get("masks.safetensors"), "format": meta.get("format"), "version": meta.get("version"),
                  "granularity": schema.get("granularity"), "units": n_units, "dtype": str(tensors["owners"].dtype),
-                 "free_code": schema.get("free", FREE), "tasks": schema_tasks(schema), "free_units": free,
+                 "free_code": free_code, "tasks": schema_tasks(schema), "free_units": free,
                  "fingerprint": schema.get("fingerprint")}
     owned_now = {r["id"]: int((owners == r["index"]).sum()) for r in records}
 
@@ -98,6 +102,7 @@ def command(
                                "backbone": manifest.get("backbone"), "input_spec": manifest.get("input_spec"),
                                "method": metrics["method"], "cursor": cursor, "tasks": records,
                                "owned_units": owned_now, "free_units": free, "groups": per_group, "masks": mask_info,
+                               "growth": growth,
                                "metrics": metrics}, indent=2))
         return
 
@@ -137,6 +142,20 @@ def command(
         table = BlockedTable(lead, [Col(str(r["id"])) for r in records] + [Col("free")], rows)
         con.print(titled(f"units owned per {kind} (columns: task ids; a task's subnetwork is every unit owned by it or "
                          "an earlier task)", table))
+        con.print()
+    if growth:
+        by_task: dict[int, list[dict]] = {}
+        for e in growth:
+            by_task.setdefault(int(e.get("task", -1)), []).append(e)
+        rows = [[str(t), str(len(es)), f"{sum(int(e.get('units', 0)) for e in es):,}",
+                 Text(", ".join(f"{e.get('group')} +{e.get('units')} -> {e.get('width')}" for e in es))]
+                for t, es in sorted(by_task.items())]
+        grown = [g for g in per_group if g["size"] != g["base_size"]]
+        con.print(titled(f"growth: {len(growth)} widening(s), {sum(g['size'] - g['base_size'] for g in grown):,} "
+                         f"units added to {len(grown)} of {len(per_group)} groups (units {n_units:,}, before growth "
+                         f"{sum(g['base_size'] for g in per_group):,})",
+                         BlockedTable([Col("task"), Col("groups"), Col("units")],
+                                      [Col("widened to", justify="left", fold=True)], rows)))
         con.print()
     con.print(Text.assemble(("mask file ", "bold"), f"{mask_path.relative_to(run)}: {fmt_count(mask_info['bytes'])}B, "
                             f"{mask_info['format']} v{mask_info['version']}, {n_units:,} x {mask_info['dtype']} owners "

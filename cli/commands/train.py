@@ -126,6 +126,9 @@ def command(
     progress: Annotated[Optional[bool], typer.Option("--progress/--no-progress", help="Progress bars \\[default: on a "
                                                      "terminal].", show_default=False)] = None,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots to RUN/plots.")] = True,
+    grow: Annotated[Optional[bool], typer.Option("--grow/--no-grow", help="Widen the backbone when its free units run "
+                                                 "out (grow.enabled) \\[default: the method's].",
+                                                 show_default=False)] = None,
     tensorboard: Annotated[Optional[Path], typer.Option(
         "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
         "\"anpyc\\[tensorboard]\"); watch with tensorboard --logdir DIR.")] = None,
@@ -147,7 +150,8 @@ def command(
     if resume:
         recipe = {"--config": config_file, "--method": method, "--epochs": epochs, "--lr": lr,
                   "--batch-size": batch_size, "--seed": seed, "--device": device, "--set": settings,
-                  "--model-opt": model_opts, "--pretrained": pretrained, "--weights": weights}
+                  "--model-opt": model_opts, "--pretrained": pretrained, "--weights": weights,
+                  "--grow/--no-grow": grow is not None}
         given = [flag for flag, v in recipe.items() if v]
         if given:
             raise typer.BadParameter(f"a resumed run keeps the configuration recorded in {out / 'config.json'}; "
@@ -191,7 +195,7 @@ def command(
     preset = method.value if method is not None else dotted.get("method", "anpyc")
     dotted.pop("method", None)
     for key, value in (("optim.epochs", epochs), ("optim.lr", lr), ("optim.batch_size", batch_size),
-                       ("seed", seed), ("device", device), ("threads", threads)):
+                       ("seed", seed), ("device", device), ("threads", threads), ("grow.enabled", grow)):
         if value is not None:
             dotted[key] = value
 

@@ -1,0 +1,132 @@
+"""Growing a learner's backbone when its free capacity runs out (the tensor rules are :mod:`anpyc.structure.growth`).
+
+Policy (``grow``, a :class:`~anpyc.config.GrowConfig`): when a task starts, every group that can be widened and
+has fewer free units than ``grow.min_free`` of its width before any growth (its *base* width) is widened by the
+shortfall, at least ``grow.step`` of its base width, up to ``grow.max_width`` times its base width. The new units
+are free, so the task claims them with the rest, and its capacity budget (:mod:`anpyc.pruning.plan`) lets it keep
+up to ``grow.min_free`` of every group's base width: a stream longer than the backbone can hold keeps learning with
+what every task was given at the start. ``grow.enabled = false`` (``--no-grow``) keeps the size fixed.
+
+Applying a growth keeps every earlier task exact: the new units are owned by the growing task or later ones, every
+tensor a learner keeps beside the trunk (initial values, BatchNorm statistics of every task, anchors, importance,
+the heads when the output features grow) gains the same entries, and what was recorded (:class:`GrowthEvent` and
+the new entries' values) is replayed when the run is reopened, before its tensors are loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn as nn
+
+from .structure.growth import grow_group, growable
+
+if TYPE_CHECKING:
+    from .learner import ContinualLearner
+
+__all__ = ["GrowthEvent", "plan_growth", "apply_growth", "widen"]
+
+
+@dataclass(frozen=True)
+class GrowthEvent:
+    """One widening: ``group`` gained ``units`` units at the start of task index ``index`` (id ``task``)."""
+
+    index: int
+    task: int
+    group: str
+    units: int
+    width: int  # the group's width after it
+    free: int  # its free units before it
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_growth(learner: "ContinualLearner", k: int) -> dict[str, tuple[int, int]]:
+    """``{group: (units to add, free units now)}`` for task index ``k`` under the learner's ``grow`` policy."""
+    cfg = learner.config.grow
+    space = learner.space
+    if not cfg.enabled or space.structure is None:
+        return {}
+    out = {}
+    for g in space.structure.groups:
+        base = space.base_sizes.get(g.name, g.size)
+        free = int((space.owners[g.offset: g.offset + g.size] == space.free).sum())
+        want = int(math.ceil(cfg.min_free * base))
+        if free >= want or growable(space.structure, g.name) is not None:
+            continue
+        m = min(max(want - free, int(math.ceil(cfg.step * base))), int(cfg.max_width * base) - g.size)
+        if m > 0:
+            out[g.name] = (m, free)
+    return out
+
+
+def widen(old: torch.Tensor, fresh: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+    """A copy of ``old`` at the grown shape of ``fresh`` (the bool mask of the new entries): old entries keep their
+    order (growth maps positions monotonically), new ones are ``fill``."""
+    new = torch.empty(fresh.shape, dtype=old.dtype, device=old.device)
+    m = fresh.to(old.device)
+    new[~m] = old.reshape(-1)
+    new[m] = fill.to(dtype=old.dtype, device=old.device)
+    return new
+
+
+def apply_growth(learner: "ContinualLearner", k: int, task_id: int, plan: dict[str, tuple[int, int]], *,
+                 values: dict[str, torch.Tensor] | None = None, reason: str = "") -> list[GrowthEvent]:
+    """Widen the groups of ``plan`` and everything the learner keeps beside the trunk. ``values`` (the recorded new
+    entries, keyed ``<event number>/<tensor>``) replays a saved growth; otherwise new entries are drawn (seeded)."""
+    from .training import derive_seed
+
+    events = []
+    for name, (m, free) in plan.items():
+        n = len(learner.growth)
+        init = {**learner.init_buffers, **learner.init_params, **learner.init_stats}
+        given = None if values is None else {t[len(f"{n}/"):]: v for t, v in values.items() if t.startswith(f"{n}/")}
+        gen = torch.Generator().manual_seed(derive_seed(learner.config.seed, "grow", k, name))
+        old_features = learner.space.structure.num_features
+        structure, entries, masks = grow_group(learner.trunk, learner.space.structure, name, m, init=init,
+                                               generator=gen, values=given)
+        _widen_state(learner, entries, masks)
+        learner.space = learner.space.grown(structure, name, m)
+        learner.structure = learner.space.structure
+        if structure.num_features != old_features:
+            _widen_heads(learner, structure.num_features)
+        width = next(g.size for g in structure.groups if g.name == name)
+        event = GrowthEvent(k, task_id, name, m, width, free, reason)
+        learner.growth.append(event)
+        learner.growth_values.update({f"{n}/{t}": v for t, v in entries.items()})
+        events.append(event)
+    return events
+
+
+def _widen_state(learner: "ContinualLearner", entries: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]
+                 ) -> None:
+    for t, fresh in masks.items():
+        fill = entries[t]
+        if t in learner.init_params:
+            learner.init_params[t] = widen(learner.init_params[t], fresh, fill)
+        if t in learner.init_stats:
+            learner.init_stats[t] = widen(learner.init_stats[t], fresh, fill)
+        if t in learner.init_buffers:
+            learner.init_buffers[t] = widen(learner.init_buffers[t], fresh, fill)
+        for stats in learner.stats.values():
+            if t in stats:
+                stats[t] = widen(stats[t], fresh, fill)
+        if t in learner.anchor:
+            learner.anchor[t] = widen(learner.anchor[t], fresh, fill)
+        if t in learner.omega:
+            learner.omega[t] = widen(learner.omega[t], fresh, torch.zeros_like(fill))
+
+
+def _widen_heads(learner: "ContinualLearner", num_features: int) -> None:
+    """Every head reads the grown features; the new columns are zero (no earlier task has those features)."""
+    learner.model.num_features = learner.num_features = num_features
+    for head in learner.model.heads.values():
+        w = head.weight.detach()
+        pad = torch.zeros(w.shape[0], num_features - w.shape[1], dtype=w.dtype, device=w.device)
+        head.weight = nn.Parameter(torch.cat([w, pad], dim=1))
+        head.in_features = num_features
