@@ -21,7 +21,8 @@ def test_digits_split_learns_with_spare_capacity():
 
     stream = make_stream("digits-split", img_size=32)
     cfg = method_config("anpyc", **{"optim.epochs": 8, "optim.batch_size": 32, "prune.step": 0.2,
-                                    "prune.min_step": 0.05, "prune.retrain_epochs": 2, "prune.tolerance": 0.02})
+                                    "prune.min_step": 0.05, "prune.retrain_epochs": 2, "prune.tolerance": 0.02,
+                                    "grow.enabled": False})  # a fixed width: its spare capacity is what is asserted
     learner = anpyc.ContinualLearner("test_resnet", input_spec=stream.input_spec, config=cfg)
     m = learner.fit(stream)
     assert m["num_tasks"] == 5

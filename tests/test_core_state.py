@@ -63,7 +63,7 @@ def test_masks_file_is_readable_with_safetensors_alone(tmp_path):
     with safe_open(state / "masks.safetensors", framework="pt") as f:
         meta = f.metadata()
         owners = f.get_tensor("owners")
-    assert meta["format"] == "anpyc.masks" and meta["version"] == "2"
+    assert meta["format"] == "anpyc.masks" and meta["version"] == "3"
     schema = json.loads(meta["schema"])
     assert schema["granularity"] == "unit" and schema["free"] == 255 and schema["num_tasks"] == 2
     assert owners.dtype == torch.uint8 and owners.numel() == schema["num_units"] == learner.space.num_units

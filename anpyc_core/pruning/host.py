@@ -144,8 +144,10 @@ class LearnerHost:
             l.stats[self.k][n].copy_(v)
 
     def checkpoint(self, state: dict) -> None:
+        """Commit the learner with the strategy's ``state``; an optimizer still training (the gradual strategy's
+        epochs) is saved with it, so a resumed run takes the same steps as an uninterrupted one."""
         self.l.cursor["prune"] = state
-        self.l.save()
+        self.l.save(optimizer=self.l._optimizer is not None)
 
     def log(self, event: PruneStep) -> None:
         self.l._log(dataclasses.replace(event, task=self.task.id))
