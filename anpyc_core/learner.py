@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from . import checkpoint
 from .backbones import build_trunk
-from .config import LearnerConfig, method_config
+from .config import BACKBONE_DEFAULTS, LearnerConfig, method_config
 from .consolidation import CONSOLIDATION, Consolidation, Stack, accumulate_omega, create_consolidation
 from .dist import DistContext, check_device, context, wrap_ddp
 from .errors import ConfigError, DataError, RunDirError
@@ -113,6 +113,8 @@ class ContinualLearner:
 
         # ------------------------------------------------------------ backbone
         torch.manual_seed(derive_seed(config.seed, "init"))
+        if record is None and isinstance(model, str) and not model_kwargs:  # a preset's own network (paper: 784-64-32)
+            model_kwargs = BACKBONE_DEFAULTS.get(config.method, {}).get(model)
         trunk, self.backbone = build_trunk(model, input_spec, model_kwargs, record, weights)
         self.trunk = trunk = trunk.to(self.device).float()
         example = torch.randn((2, *input_spec.shape), generator=torch.Generator().manual_seed(0)).to(self.device)
@@ -244,13 +246,13 @@ class ContinualLearner:
         return evaluate(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
 
     def mask_digest(self, task: int) -> str:
-        return self.space.digest(self._index(task))
+        return self.space.digest(self._mask_index(self._index(task)))
 
     def subnetwork(self, task: int) -> TaskModel:
         """Task ``task``'s standalone model: units outside its mask physically removed, its head and statistics
         loaded, no masks left inside (eval mode, on the CPU)."""
         k = self._index(task)
-        return standalone(self.model, self.space, k, self._stats_of(k))
+        return standalone(self.model, self.space, k, self._stats_of(k), mask=self._mask_index(k))
 
     def subnetwork_stats(self, task: int) -> dict:
         rec = next(h for h in self.history if h["id"] == task)
@@ -368,12 +370,17 @@ class ContinualLearner:
 
     def _use_task(self, k: int) -> None:
         """Masks, statistics of task index ``k`` (its subnetwork: units owned by tasks 0..k)."""
-        active = self.space.active(k)
+        active = self.space.active(self._mask_index(k))
         dev = self.device
         self.model.set_masks({n: m.to(dev) for n, m in self.space.tensor_masks(active).items()},
                              {n: m.to(dev) for n, m in self.space.norm_masks(active).items()},
                              None if (fm := self.space.feature_mask(active)) is None else fm.to(dev))
         self.model.use_stats(self._stats_of(k))
+
+    def _mask_index(self, k: int) -> int:
+        """The task index whose mask task index ``k`` runs with: its own, or under ``inference = "shared"`` (the
+        paper mode) the newest task's, the whole network as it is now."""
+        return max(k, len(self.tasks) - 1) if self.config.inference == "shared" else k
 
     def _stats_of(self, k: int) -> dict[str, torch.Tensor]:
         """The BatchNorm statistics task index ``k`` runs with. Under hard consolidation a task's parameters never

@@ -33,15 +33,16 @@ def _copies(model: MaskedModel, k: int) -> tuple[nn.Module, nn.Linear]:
     return trunk, copy.deepcopy(model.heads[str(k)]).cpu()
 
 
-def standalone(model: MaskedModel, space: MaskSpace, k: int, stats: dict[str, torch.Tensor]) -> TaskModel:
-    """Task index ``k``'s model: units outside its mask removed, its head and statistics loaded, no masks left
-    inside (eval mode, on the CPU)."""
+def standalone(model: MaskedModel, space: MaskSpace, k: int, stats: dict[str, torch.Tensor], *,
+               mask: int | None = None) -> TaskModel:
+    """Task index ``k``'s model: units outside its mask (task index ``mask``'s, by default its own) removed, its
+    head and statistics loaded, no masks left inside (eval mode, on the CPU)."""
     trunk, head = _copies(model, k)
     with torch.no_grad():
         for name, value in stats.items():
             mod, _, buf = name.rpartition(".")
             getattr(trunk.get_submodule(mod), buf).copy_(value.cpu())
-    trunk, head = space.extract(trunk, head, space.active(k))
+    trunk, head = space.extract(trunk, head, space.active(k if mask is None else mask))
     return TaskModel(trunk, head).eval()
 
 

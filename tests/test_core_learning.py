@@ -162,3 +162,36 @@ def test_hard_rule_keeps_old_elements_exact_between_restores(optim):
         opt.step()
         assert torch.equal(w.detach()[old["w"]], start[old["w"]])  # bit-exact, before any restore
     assert not torch.equal(w.detach()[~old["w"]], start[~old["w"]])  # the other elements learn
+
+
+def test_paper_mode_is_the_original_net_evaluated_without_task_masks():
+    """--method paper on "mlp": the original 784-64-32 MLP with dropout 0.5, and every task runs on the whole current
+    network (the newest task's mask) with its own head, as the original evaluates; its export computes the same."""
+    from anpyc.adapters.data import synthetic_stream
+
+    stream = synthetic_stream(num_tasks=2, samples_per_class=12, vector=True, dim=784, seed=0)
+    cfg = method_config("paper", **{"optim.epochs": 1, "prune.retrain_epochs": 1, "importance.max_batches": 2})
+    assert cfg.inference == "shared" and method_config("anpyc").inference == "task"
+    learner = anpyc.ContinualLearner("mlp", input_spec=stream.input_spec, config=cfg)
+    linears = [m for m in learner.trunk.modules() if isinstance(m, torch.nn.Linear)]
+    drops = [m for m in learner.trunk.modules() if isinstance(m, torch.nn.Dropout)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 64), (64, 32)]
+    assert [m.p for m in drops] == [0.5, 0.5]
+    assert learner.backbone["kwargs"] == {"hidden": [64, 32], "dropout": 0.5}
+    learner.fit(stream)
+    x = torch.randn(4, 784, generator=torch.Generator().manual_seed(3))
+    t0, t1 = learner.task_ids()
+    # task 0 runs with task 1's mask (the whole network): the elements task 1 claimed change task 0's output
+    assert learner.mask_digest(t0) == learner.mask_digest(t1) == learner.space.digest(1) != learner.space.digest(0)
+    y = learner.reference_forward(t0, x)
+    with torch.no_grad():
+        assert float((learner.subnetwork(t0)(x) - y).abs().max()) <= 1e-5
+    learner._use_task(1)
+    learner.model.eval()
+    with torch.no_grad():
+        assert torch.equal(learner.model(x, 0), y)  # task 0's head on the newest mask
+
+
+def test_inference_choice_is_validated():
+    with pytest.raises(ConfigError, match="inference.*shared"):
+        method_config("anpyc", inference="all")

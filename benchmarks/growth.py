@@ -1,0 +1,107 @@
+"""Long task streams: permuted MNIST-5k at 100 tasks on a small MLP (784-64-64), anpyc with and without growth,
+PackNet for reference (issue 12).
+
+Every row learns the same 100 permutations (5 epochs per task, batch 64, seed 0); ACC@k is the mean test accuracy
+over the first k tasks right after task k (row k of the accuracy matrix), so ACC@10 and ACC@30 are what a 10- or
+30-task run of the same settings reports (the capacity plan does not look ahead). Rows:
+
+* ``anpyc``: the preset as it ships (growth keeps half of every group's base width free for each task, up to 8x);
+* ``anpyc-grow16``: growth keeping an eighth free per task, up to 16x the base width (a long stream's setting:
+  the same growth, 8 new units per layer and task instead of 32);
+* ``anpyc-fixed``: ``grow.enabled = false`` (the width stays 64-64);
+* ``packnet``: element masks at a fixed width (its permuted50 setting, first_ratio 0.97).
+
+    python benchmarks/growth.py                  # ~30 min on 2 cores
+    python benchmarks/growth.py --quick          # seconds: the smoke test's settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+
+SECTION = "growth"
+COMMON = {"optim.epochs": 5}
+ROWS: dict[str, tuple[str, dict]] = {
+    "anpyc": ("anpyc", {}),
+    "anpyc-grow16": ("anpyc", {"grow.min_free": 0.125, "grow.max_width": 16.0}),
+    "anpyc-fixed": ("anpyc", {"grow.enabled": False}),
+    "packnet": ("packnet", {"prune.first_ratio": 0.97}),
+}
+AT = (10, 30, 100)
+
+
+def acc_at(matrix: list[list[float]], k: int) -> float | None:
+    """Mean test accuracy over tasks 1..k right after task k (None when the run is shorter)."""
+    if len(matrix) < k:
+        return None
+    row = matrix[k - 1][:k]
+    return sum(row) / len(row)
+
+
+def widths(result: dict, hidden: list[int]) -> str:
+    """Final hidden widths of an MLP run: its unit count split over the two hidden layers (element masks own
+    weights, not units: their width is the base width)."""
+    if result["config"]["prune"]["granularity"] == "element" or not result.get("num_units"):
+        return "-".join(map(str, hidden))
+    return f"{result['num_units'] // 2}-{result['num_units'] // 2}"
+
+
+def table(rows: dict[str, dict], num_tasks: int, hidden: list[int]) -> str:
+    at = [k for k in AT if k <= num_tasks] or [num_tasks]
+    head = "| row | " + " | ".join(f"ACC@{k}" for k in at) + " | BWT | params/task | final width | wall |"
+    lines = [head, "|" + "---|" * (len(at) + 5)]
+    for name, r in rows.items():
+        dense = r.get("dense_params") or 1
+        per_task = sum(r["task_params"]) / len(r["task_params"]) / dense if r.get("task_params") else float("nan")
+        accs = " | ".join(_bench.fmt_pm([acc_at(r["accuracy_matrix"], k)]) for k in at)
+        lines.append(f"| {name} | {accs} | {_bench.fmt_pm([r['bwt']], signed=True)} | {100 * per_task:.1f}% "
+                     f"| {widths(r, hidden)} | {r['wall_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _bench.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_seeds="0")
+    parser.add_argument("--tasks", type=int, default=100, help="stream length (default %(default)s)")
+    parser.add_argument("--cache", type=Path, default=None, help="folder caching one JSON per run (resumable)")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite the markdown section")
+    args = parser.parse_args(argv)
+    _bench.setup_torch(args.threads)
+    seed = _bench.parse_list(args.seeds, int)[0]
+    names = _bench.parse_list(args.methods) or list(ROWS)
+    num_tasks, stream_kwargs, hidden, extra = args.tasks, {"num_tasks": args.tasks}, [64, 64], {}
+    if args.quick:
+        num_tasks, stream_kwargs, hidden = 3, {"num_tasks": 3, "limit": 60}, [8, 8]
+        extra = {"optim.epochs": 1, "importance.max_batches": 2}
+    rows = {}
+    t0 = time.time()
+    for name in names:
+        preset, overrides = ROWS[name]
+        spec = _bench.RunSpec("growth", name, preset, "mnist5k-permuted", "mlp", seed,
+                              overrides={**COMMON, **overrides, **extra}, stream_kwargs=stream_kwargs,
+                              backbone_kwargs={"hidden": hidden})
+        rows[name] = _bench.run(spec, device=args.device, threads=args.threads, cache=args.cache)
+    results = (args.results or _bench.ROOT / "benchmarks" / "results")
+    results.mkdir(parents=True, exist_ok=True)
+    argv_used = ["--tasks", str(num_tasks), "--seeds", str(seed)] + (["--quick"] if args.quick else [])
+    command = _bench.command_line("growth.py", argv_used)
+    doc = {"command": command, "machine": _bench.machine(), "commit": _bench.git_commit(), "rows": rows}
+    (results / f"growth{'_quick' if args.quick else ''}.json").write_text(json.dumps(doc, indent=1))
+    body = "\n".join([f"Permuted MNIST-5k, {num_tasks} tasks, MLP 784-{hidden[0]}-{hidden[1]}, 5 epochs per task, "
+                      f"seed {seed}, {args.threads} thread(s); {_bench.machine()}.", "", "```", command, "```", "",
+                      table(rows, num_tasks, hidden)])
+    print(body)
+    print(f"done in {time.time() - t0:.0f}s")
+    if not args.no_write and not args.quick:
+        _bench.write_section(args.out, SECTION, body, title="Long streams: growth at 100 tasks")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
