@@ -1,4 +1,4 @@
-"""The default prune strategy: rank keep-ratios cheaply, retrain once, let a statistical guard decide.
+"""The cheap search: rank keep-ratios without retraining, retrain once, let a statistical guard decide.
 
 After a task trains on everything it claimed, it should keep the least that costs it no accuracy, within its
 capacity budget (:mod:`~anpyc.pruning.plan`). Finding that by pruning in steps and retraining after each (the

@@ -1,0 +1,94 @@
+"""Ablation of the default anpyc on permuted MNIST-5k (10 tasks, MLP 784-256-256, the permuted10 suite's budget):
+each row changes one part of the preset, and validation and test ACC say whether that part earns its place.
+
+Rows (overrides of the ``anpyc`` preset):
+
+* ``default``: the preset as it ships;
+* ``no consolidation``: ``consolidation.rule = none`` (earlier tasks' units keep training: forgetting returns);
+* ``search`` / ``search + pull``: the cheap search (``prune.mode = search``: rank keep-ratios without retraining,
+  retrain once) without and with the importance-weighted pull toward the unpruned weights while the task recovers
+  (``consolidation.pull = 1``), the candidate for consolidation inside a task (gradual pruning never retrains, so
+  the pull has nothing to act on in the default);
+* ``fixed schedule``: the original schedule (``prune.mode = schedule``: 50% for the first task, x0.8 per task)
+  instead of the budgeted ramp and the guard's release;
+* ``prune-retrain loop``: ``prune.mode = guarded``, the former default (release 20% steps while the guard accepts,
+  retrain after each);
+* ``magnitude``: ``importance.measure = magnitude`` instead of entropy-Taylor;
+* ``element``: ``prune.granularity = element`` (single weights instead of whole neurons; no growth);
+* ``no growth``: ``grow.enabled = false``.
+
+    python benchmarks/ablation.py               # ~15 min on 2 cores (one seed)
+    python benchmarks/ablation.py --quick       # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bench  # noqa: E402
+from forgetting import QUICK, SUITES  # noqa: E402
+
+SECTION = "ablation"
+ROWS: dict[str, dict] = {
+    "default": {},
+    "no consolidation": {"consolidation.rule": "none"},
+    "search": {"prune.mode": "search"},
+    "search + pull": {"prune.mode": "search", "consolidation.pull": 1.0},
+    "fixed schedule": {"prune.mode": "schedule"},
+    "prune-retrain loop": {"prune.mode": "guarded", "prune.retrain_epochs": 2},
+    "magnitude": {"importance.measure": "magnitude"},
+    "element": {"prune.granularity": "element"},
+    "no growth": {"grow.enabled": False},
+}
+
+
+def table(rows: dict[str, list[dict]]) -> str:
+    base = rows.get("default")
+    lines = ["| row | val ACC | test ACC | BWT | params/task | wall | wall / default |", "|---|---|---|---|---|---|---|"]
+    for name, runs in rows.items():
+        per_task = [sum(r["task_params"]) / len(r["task_params"]) / r["dense_params"] for r in runs]
+        wall = _bench.median([r["wall_seconds"] for r in runs])
+        ratio = wall / _bench.median([r["wall_seconds"] for r in base]) if base else float("nan")
+        lines.append(f"| {name} | {_bench.fmt_pm(r['val_acc'] for r in runs)} | {_bench.fmt_pm(r['acc'] for r in runs)}"
+                     f" | {_bench.fmt_pm((r['bwt'] for r in runs), signed=True)} | {100 * sum(per_task) / len(per_task):.1f}%"
+                     f" | {wall:.0f} s | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _bench.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_seeds="0")
+    parser.add_argument("--cache", type=Path, default=None, help="folder caching one JSON per run (resumable)")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite the markdown section")
+    args = parser.parse_args(argv)
+    _bench.setup_torch(args.threads)
+    seeds = _bench.parse_list(args.seeds, int)
+    names = _bench.parse_list(args.methods) or list(ROWS)
+    suite = SUITES["permuted10"]
+    stream_kwargs, (backbone, bkw) = dict(suite.stream_kwargs), (suite.backbone, suite.backbone_kwargs)
+    extra = {}
+    if args.quick:
+        stream_kwargs, (backbone, bkw), extra = {**stream_kwargs, **suite.quick_stream}, suite.quick_backbone, QUICK
+    rows = {name: [_bench.run(_bench.RunSpec("ablation", name, "anpyc", suite.stream, backbone, s,
+                                             overrides={**ROWS[name], **extra}, stream_kwargs=stream_kwargs,
+                                             backbone_kwargs=bkw),
+                              device=args.device, threads=args.threads, cache=args.cache) for s in seeds]
+            for name in names}
+    command = _bench.command_line("ablation.py", ["--seeds", args.seeds] + (["--quick"] if args.quick else []))
+    results = args.results or _bench.ROOT / "benchmarks" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"ablation{'_quick' if args.quick else ''}.json").write_text(
+        json.dumps({"command": command, "machine": _bench.machine(), "commit": _bench.git_commit(), "rows": rows}))
+    body = "\n".join([f"{suite.title}, seeds {args.seeds}, {args.threads} thread(s); {_bench.machine()}.", "",
+                      "```", command, "```", "", table(rows)])
+    print(body)
+    if not args.no_write and not args.quick:
+        _bench.write_section(args.out, SECTION, body, title="Ablation of the default")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
