@@ -91,6 +91,12 @@ def prune_gradual(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
             host.checkpoint(state)
     if state["done"]:
         return state
+    kept = int(host.claim().sum())
+    if claim and not state["schedule"] and total < kept:  # no epoch to ramp in (one-epoch tasks): the budget at once
+        release = host.claim() & ~_keep(host, host.unit_scores(), total, cap)
+        host.release(release)
+        host.recalibrate()
+        state["released"] += int(release.sum())
     # at the budget: did the task keep its accuracy within its share?
     at_budget = judge(cfg.guard, before, host.val_correct(), cfg.tolerance, cfg.confidence)
     record = {"k": state["k"], "released": state["released"], "val_acc": float(before.float().mean()) - at_budget.drop,
