@@ -363,15 +363,15 @@ def method_config(name: str, **overrides: Any) -> LearnerConfig:
 # permuted MNIST-5k, 10 tasks (benchmarks/forgetting.py; BENCHMARKS.md "Choosing the default"): grow.min_free 0.125 /
 # 0.25 / 0.375 / 0.5 gave 92.8 / 93.8 / 93.9 / 94.5 validation ACC against PackNet's 93.8; a backbone far larger
 # than its tasks (resnet18 on split digits) keeps the same accuracy with 0.125 at less than half the cost.
-ANPYC_PRUNE = PruneConfig(mode="gradual", tolerance=0.01)
-ANPYC_GROW = GrowConfig(min_free=0.5)
 
 
 @METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, gradual pruning with a paired guard, "
                                  "earlier tasks frozen, growth when free units run out")
 def _anpyc() -> LearnerConfig:
-    return LearnerConfig(method="anpyc", prune=ANPYC_PRUNE, grow=ANPYC_GROW,
-                         consolidation=ConsolidationConfig(rule="hard"))
+    # built here, not at import: validating a PruneConfig imports the registries (and torch), which `anpyc --help`
+    # must not pay for
+    return LearnerConfig(method="anpyc", prune=PruneConfig(mode="gradual", tolerance=0.01),
+                         grow=GrowConfig(min_free=0.5), consolidation=ConsolidationConfig(rule="hard"))
 
 
 @METHODS.register("anpyc-element", help="ANPyC with unstructured element masks: more reuse on long streams, no "

@@ -48,14 +48,16 @@ ROWS: dict[str, dict] = {
 
 def table(rows: dict[str, list[dict]]) -> str:
     base = rows.get("default")
-    lines = ["| row | val ACC | test ACC | BWT | params/task | wall | wall / default |", "|---|---|---|---|---|---|---|"]
+    lines = ["| row | val ACC | test ACC | BWT | params/task | wall | wall / default |",
+             "|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         per_task = [sum(r["task_params"]) / len(r["task_params"]) / r["dense_params"] for r in runs]
         wall = _bench.median([r["wall_seconds"] for r in runs])
         ratio = wall / _bench.median([r["wall_seconds"] for r in base]) if base else float("nan")
-        lines.append(f"| {name} | {_bench.fmt_pm(r['val_acc'] for r in runs)} | {_bench.fmt_pm(r['acc'] for r in runs)}"
-                     f" | {_bench.fmt_pm((r['bwt'] for r in runs), signed=True)} | {100 * sum(per_task) / len(per_task):.1f}%"
-                     f" | {wall:.0f} s | {ratio:.2f} |")
+        val, test = _bench.fmt_pm(r["val_acc"] for r in runs), _bench.fmt_pm(r["acc"] for r in runs)
+        bwt = _bench.fmt_pm((r["bwt"] for r in runs), signed=True)
+        lines.append(f"| {name} | {val} | {test} | {bwt} | {100 * sum(per_task) / len(per_task):.1f}% | {wall:.0f} s "
+                     f"| {ratio:.2f} |")
     return "\n".join(lines)
 
 
