@@ -5,9 +5,10 @@ Every row learns the same 100 permutations (5 epochs per task, batch 64, seed 0)
 over the first k tasks right after task k (row k of the accuracy matrix), so ACC@10 and ACC@30 are what a 10- or
 30-task run of the same settings reports (the capacity plan does not look ahead). Rows:
 
-* ``anpyc``: the preset as it ships (growth keeps half of every group's base width free for each task, up to 8x);
+* ``anpyc``: the preset as it ships (growth keeps a quarter of every group's base width free for each task, up to
+  8x);
 * ``anpyc-grow16``: growth keeping an eighth free per task, up to 16x the base width (a long stream's setting:
-  the same growth, 8 new units per layer and task instead of 32);
+  the same growth, 8 new units per layer and task instead of 16);
 * ``anpyc-fixed``: ``grow.enabled = false`` (the width stays 64-64);
 * ``packnet``: element masks at a fixed width (its permuted50 setting, first_ratio 0.97).
 
