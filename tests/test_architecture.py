@@ -4,6 +4,7 @@ adapters -> anpyc_core, and export never reaches for the learner (an exported mo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,24 @@ def test_the_scan_resolves_imports(tmp_path, source, module, package, expected):
     path = tmp_path / "m.py"
     path.write_text(source)
     assert expected in {name for _, name in _imports(path, module, package)}
+
+
+def test_the_map_names_every_layer_and_room():
+    """ARCHITECTURE.md states the order tested above and names every module and package of the engine, and every
+    file of the structure walk; a new room, or one that is gone, makes this fail until the map follows."""
+    text = (ROOT / "ARCHITECTURE.md").read_text()
+    order = " -> ".join(folder for folder, _ in reversed(LAYERS))
+    assert order in text, order
+    assert all(f"`{folder}/`" in text for folder, _ in LAYERS)
+    core = ROOT / "anpyc_core"
+    rooms = {p.name for p in core.glob("*.py") if p.name != "__init__.py"}
+    rooms |= {p.name + "/" for p in core.iterdir() if (p / "__init__.py").exists()}
+    missing = sorted(r for r in rooms if f"`{r}`" not in text)
+    assert not missing, f"ARCHITECTURE.md does not name {missing}"
+    walk_files = {p.stem for p in (core / "structure").glob("*.py") if p.name != "__init__.py"}
+    missing = sorted(f for f in walk_files if f"`{f}`" not in text)
+    assert not missing, f"ARCHITECTURE.md does not name structure/{missing}"
+    named = set(re.findall(r"`([a-z_]+\.py)`", text))
+    gone = sorted(m for m in named if not any((ROOT / f).joinpath(m).exists() or (ROOT / f / "commands" / m).exists()
+                                              for f, _ in LAYERS))
+    assert not gone, f"ARCHITECTURE.md names files that do not exist: {gone}"
