@@ -99,23 +99,23 @@ def _concat_mapping(graph, node) -> None:
         raise ValueError(f"{len(node.inputs)} traced concat inputs for {len(tracked)} autograd inputs")
     node.module.concat_sizes = [sizes[i] for i in tracked]
     node.module.offsets = offsets
-    used: list = []
+    to_inputs: list = []
+    from_inputs: list = []
     for k, in_node in zip(tracked, node.inputs, strict=True):
         span = offsets[k: k + 2]
-        for dep in node.dependencies:
-            if dep.target is in_node and not any(dep is d for d in used):
-                dep.index_mapping[1] = im._ConcatIndexMapping(offset=span, reverse=True)
-                used.append(dep)
-                break
-    used = []
-    for k, in_node in zip(tracked, node.inputs, strict=True):
-        span = offsets[k: k + 2]
-        for dep in in_node.dependencies:
-            if dep.target is node and not any(dep is d for d in used):
-                dep.index_mapping[1] = im._ConcatIndexMapping(offset=span, reverse=False)
-                used.append(dep)
-                break
+        _claim(node.dependencies, in_node, to_inputs, im._ConcatIndexMapping(offset=span, reverse=True))
+        _claim(in_node.dependencies, node, from_inputs, im._ConcatIndexMapping(offset=span, reverse=False))
     return None
+
+
+def _claim(deps, target, used: list, mapping) -> None:
+    """Give ``mapping`` to the first dependency on ``target`` in ``deps`` not ``used`` yet (one node may feed a
+    concat twice: each of its inputs takes its own dependency)."""
+    for dep in deps:
+        if dep.target is target and not any(dep is d for d in used):
+            dep.index_mapping[1] = mapping
+            used.append(dep)
+            return
 
 
 def _split_mapping(graph, node) -> None:
