@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
-import torch
 import torch.nn as nn
 
 from .layers import HEAD_COUNT_ATTRS, HEAD_WIDTH_ATTRS
