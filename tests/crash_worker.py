@@ -38,7 +38,7 @@ if sys.argv[2:3] == ["workers"]:
 
     images = run.parent / "images"
     if not images.exists():
-        make_images(images, tasks=3, per_class=16)
+        make_images(images, tasks=2, per_class=12)
     stream = folder(images)
     cfg = cfg.replace(workers=int(sys.argv[3]))
     torch.set_num_threads(1)  # (importing the test module set the suite's thread count)

@@ -24,7 +24,7 @@ from anpyc.loading import Loaders, in_memory
 from anpyc.training import make_loader
 
 from conftest import fast_config, tiny_stream
-from test_crash_safety import _check_not_torn, _start, _wait_ready
+from test_crash_safety import kill_and_resume, reference_run
 
 CPU = torch.device("cpu")
 
@@ -106,29 +106,9 @@ def test_workers_reach_the_in_process_result_and_record_the_data_wait(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_with_workers_reaches_the_uninterrupted_result(tmp_path):
-    ref = tmp_path / "ref"
-    proc = _start(ref, "workers", "0")
-    _wait_ready(proc)
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=900)
-    t_run = time.monotonic() - t0
-    assert proc.returncode == 0 and "DONE" in out, err[-3000:]
-    run, kills = tmp_path / "run", 0
-    rng = np.random.default_rng(7)
-    while True:
-        proc = _start(run, "workers", "2")
-        _wait_ready(proc)
-        if kills >= 4:
-            out, err = proc.communicate(timeout=900)
-            assert proc.returncode == 0 and "DONE" in out, err[-3000:]
-            break
-        time.sleep(rng.uniform(0.2, t_run / 4))
-        if proc.poll() is not None:
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        _check_not_torn(run)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    t_run = reference_run(ref, "workers", "0")  # the uninterrupted result, in the training process
+    kills = kill_and_resume(run, "workers", "2", kills=4, low=0.2, high=t_run / 4, seed=7)
     assert kills >= 3, kills
     a = json.loads((ref / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
