@@ -229,3 +229,25 @@ def test_a_dying_worker_is_a_one_line_error_not_a_hang():
     assert "\n" not in e.value.one_line and time.monotonic() - t0 < 60 and not pool._pools
     pool.close()
 
+
+
+def test_cli_records_amp_and_channels_last_and_keeps_them_on_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from anpyc.cli.app import app
+
+    run = tmp_path / "run"
+    fast = ["--epochs", "1", "--batch-size", "32", "--set", "importance.max_batches=1", "--set", "prune.mode=none",
+            "--no-plots", "--no-progress"]
+    invoke = CliRunner(env={"COLUMNS": "200"}).invoke
+    r = invoke(app, ["train", "--model", "cnn", "--model-opt", "width=4", "--data", "digits-split", "--img-size", "16",
+                     "--tasks", "1", "--out", str(run), "--amp", "bf16", "--channels-last", "--workers", "0", *fast])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((run / "run.json").read_text())["config"]
+    assert (cfg["amp"], cfg["channels_last"], cfg["workers"]) == ("bf16", True, 0)
+    r = invoke(app, ["train", "--out", str(run), "--resume", "--amp", "fp16"])
+    assert r.exit_code == 2 and "--amp" in r.output and "keeps the configuration" in " ".join(r.output.split())
+    r = invoke(app, ["train", "--out", str(run), "--resume", "--workers", "1", "--tasks", "2", "--no-plots",
+                     "--no-progress"])  # the worker count is this process's own
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "run.json").read_text())["config"]["amp"] == "bf16"
