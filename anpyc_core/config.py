@@ -241,13 +241,22 @@ class LearnerConfig:
     checkpoint_epochs: bool = True  # checkpoint after every epoch, not only after every phase
     verify_structure: bool = True  # parity-check every unit group at walk time, drop the ones that fail
     inference: str = "task"  # task | shared (see INFERENCE)
+    # speed (anpyc.loading, anpyc.precision): workers do not change a run's batches; amp and channels_last change
+    # its arithmetic, not its function
+    workers: int = -1  # data-loading worker processes: -1 = from the core count, 0 = in the training process
+    amp: str = "none"  # none | bf16 | fp16 (autocast; float32 master weights)
+    channels_last: bool = False  # NHWC weights and batches (convolutional backbones)
 
     def __post_init__(self) -> None:
+        from .precision import AMP
+
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"config key 'method' must be a non-empty string, got {self.method!r}",
                               'write e.g. method = "anpyc"')
         _choice("replay", self.replay, REPLAY)
         _choice("inference", self.inference, INFERENCE)
+        _choice("amp", self.amp, AMP)
+        _range("workers", self.workers, low=-1)
         _range("threads", self.threads, low=0)
         _range("eval_batch_size", self.eval_batch_size, low=1)
 

@@ -70,7 +70,9 @@ class Grow(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class Epoch(Event):
-    """One training epoch: ``phase`` is ``train`` (before pruning) or ``retrain`` (after prune step ``step``)."""
+    """One training epoch: ``phase`` is ``train`` (before pruning) or ``retrain`` (after prune step ``step``);
+    ``seconds`` its wall time, ``data_wait`` the seconds the loop waited for batches and ``data_wait_share`` their
+    share of the epoch (an input-bound run has a high share: add --workers)."""
 
     kind: ClassVar[str] = "epoch"
     phase: str
@@ -79,6 +81,9 @@ class Epoch(Event):
     train_acc: float
     penalty: float
     step: int | None = _optional()
+    seconds: float | None = _optional()
+    data_wait: float | None = _optional()
+    data_wait_share: float | None = _optional()
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -179,12 +179,12 @@ def create_importance(name: str) -> Importance:
 
 
 def task_importance(measure: Importance, forward: Forward, params: dict[str, torch.Tensor], dataset, cfg, seed: int,
-                    device: torch.device, ctx) -> dict[str, torch.Tensor]:
+                    device: torch.device, ctx, feed=None) -> dict[str, torch.Tensor]:
     """``measure``'s element scores of ``params`` on up to ``cfg.max_batches`` seeded batches of ``dataset``
     (``cfg``: an :class:`~anpyc.config.ImportanceConfig`), averaged across ranks under torchrun."""
     from .training import take_batches
 
-    batches = take_batches(dataset, cfg.batch_size, cfg.max_batches, seed, device, ctx)
+    batches = take_batches(dataset, cfg.batch_size, cfg.max_batches, seed, device, ctx, feed)
     scores = measure.compute(forward, params, batches)
     for s in scores.values():
         ctx.all_reduce_mean_(s)

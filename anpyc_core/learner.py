@@ -35,9 +35,11 @@ from .events import Epoch, Eval, Event, Grow, TaskEnd, TaskStart
 from .fileio import append_jsonl, atomic_write_json, finite
 from .growth import GrowthEvent, apply_growth, plan_growth
 from .importance import create_importance, task_importance
+from .loading import Loaders, resolve_workers
 from .masked import MaskedModel
 from .masks import MASK_SPACES, MaskSpace
 from .metrics import run_metrics
+from .precision import Policy
 from .pruning import PRUNING
 from .pruning.host import LearnerHost
 from .rundir import RunDir
@@ -126,6 +128,11 @@ class ContinualLearner:
             trunk, example, num_features=self.num_features, verify=config.verify_structure, seed=config.seed,
             model_name=self.backbone.get("name"), layout=layout)
         self.structure: Structure | None = self.space.structure
+        self.policy = Policy(config.amp, config.channels_last, self.device)  # autocast and layout of the loops
+        self.policy.layout(trunk, self.backbone.get("name"))
+        # batch sources; the worker count is this process's business (a resumed run may use another one)
+        self.loaders = Loaders(resolve_workers(config.workers), self.device)
+        self._last_epoch = None
         self.base_layout = self.space.schema().get("groups")  # the units before any growth (what run.json records)
         self.growth: list[GrowthEvent] = []  # every widening so far, replayed when the run is reopened
         self.growth_values: dict[str, torch.Tensor] = {}  # their new entries, "<event>/<tensor>"
@@ -243,7 +250,8 @@ class ContinualLearner:
         k = self._index(task)
         self._use_task(k)
         self.model.eval()
-        return evaluate(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
+        return evaluate(self.policy.wrap(lambda x: self.model(x, k)), dataset, self.config.eval_batch_size,
+                        self.device, self.loaders.feed)
 
     def mask_digest(self, task: int) -> str:
         return self.space.digest(self._mask_index(self._index(task)))
@@ -435,15 +443,18 @@ class ContinualLearner:
         decay = {n: (~m).float() for n, m in old.items()}
         seed = derive_seed(self.config.seed, task.id, phase, step, epoch)
         torch.manual_seed(seed)
-        loader = make_loader(self._train_dataset(task, k), cfg.batch_size, shuffle=True, seed=seed, ctx=self.ctx)
+        self.policy.layout(self.trunk)  # a growth may have added weights in the default layout
+        loader = self.loaders.feed(make_loader(self._train_dataset(task, k), cfg.batch_size, shuffle=True, seed=seed,
+                                               ctx=self.ctx))
         self.model.train()
         ddp_forward = self._forward_train(k)
         total = len(loader)
         res = train_epoch(
             ddp_forward, loader, self._optimizer, params, cons, self.tracker, cfg, decay_mask=decay, device=self.device,
             on_batch=(lambda b, loss: [c.on_batch(phase, b, total, loss) for c in self.callbacks]) if self.callbacks
-            else None,
+            else None, policy=self.policy,
         )
+        self._last_epoch = res  # its timing goes into the Epoch event logged for it (_log)
         for v in self.stats.get(k, {}).values():  # each rank saw its own shard: average the statistics
             if v.is_floating_point():
                 self.ctx.all_reduce_mean_(v)
@@ -454,13 +465,15 @@ class ContinualLearner:
             return None
         self._use_task(k)
         self.model.eval()
-        return evaluate(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
+        return evaluate(self.policy.wrap(lambda x: self.model(x, k)), dataset, self.config.eval_batch_size,
+                        self.device, self.loaders.feed)
 
     def _correct(self, k: int, dataset: Dataset) -> torch.Tensor:
         """Per-sample correctness of task index ``k``'s subnetwork on ``dataset`` (eval mode)."""
         self._use_task(k)
         self.model.eval()
-        return correctness(lambda x: self.model(x, k), dataset, self.config.eval_batch_size, self.device)
+        return correctness(self.policy.wrap(lambda x: self.model(x, k)), dataset, self.config.eval_batch_size,
+                           self.device, self.loaders.feed)
 
     @torch.no_grad()
     def _recalibrate(self, task: Task, k: int) -> None:
@@ -479,8 +492,10 @@ class ContinualLearner:
             for m in modules:
                 m.momentum = None  # cumulative average over the calibration batches
             seed = derive_seed(self.config.seed, task.id, "calibrate", len(self.history))
-            for x, _ in take_batches(task.train, self.config.optim.batch_size, n, seed, self.device, self.ctx):
-                self.model(x, k)
+            for x, _ in take_batches(task.train, self.config.optim.batch_size, n, seed, self.device, self.ctx,
+                                     self.loaders.feed):
+                with self.policy.autocast():
+                    self.model(self.policy.inputs(x), k)
         finally:
             for m, mom in zip(modules, momenta):
                 m.momentum = mom
@@ -498,8 +513,8 @@ class ContinualLearner:
         self._use_task(k)
         self.model.eval()
         seed = derive_seed(self.config.seed, task.id, "importance", len(self.history))
-        return task_importance(self.tracker, lambda x: self.model(x, k), self._params(), task.train,
-                               self.config.importance, seed, self.device, self.ctx)
+        return task_importance(self.tracker, self.policy.wrap(lambda x: self.model(x, k)), self._params(), task.train,
+                               self.config.importance, seed, self.device, self.ctx, self.loaders.feed)
 
     def _capacity_params(self) -> float:
         cost = self.space.unit_cost().double()
@@ -508,6 +523,10 @@ class ContinualLearner:
 
     # ------------------------------------------------------------------ events
     def _log(self, event: Event) -> None:
+        if isinstance(event, Epoch) and event.seconds is None and self._last_epoch is not None:
+            res, self._last_epoch = self._last_epoch, None  # the epoch just run: how long it waited for batches
+            event = dataclasses.replace(event, seconds=round(res.seconds, 4), data_wait=round(res.data_wait, 4),
+                                        data_wait_share=round(res.data_wait / res.seconds, 4) if res.seconds else 0.0)
         event = dataclasses.replace(event, time=round(time.time(), 3))
         if self.run is not None:
             append_jsonl(self.run.path / "events.jsonl", event.to_dict())
@@ -538,7 +557,9 @@ class ContinualLearner:
         return checkpoint.open_run(cls, out_dir, model, callbacks=(), lock=False)
 
     def close(self) -> None:
-        """Release the run directory's lock (also done when the learner is garbage-collected)."""
+        """Stop the loader workers; release the run directory's lock (also done when the learner is
+        garbage-collected)."""
+        self.loaders.close()
         if self.run is not None:
             self.run.close()
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import ConcatDataset, Dataset
 
 from .config import OptimConfig
 from .consolidation import Consolidation
@@ -40,18 +40,26 @@ class BatchPlan:
     share of every global batch, and ``weight`` = ``local_size * world / global_size`` rescales the rank's mean
     loss so that DDP's gradient average equals the gradient of the global batch's mean loss: a run on N processes
     follows the single-process trajectory. A rank whose share of a (short) last batch is empty computes one
-    sample with weight 0, so it still joins the gradient all-reduce.
+    sample with weight 0, so it still joins the gradient all-reduce. Batch ``b`` is built under a seed derived
+    from ``(seed, b)`` (:func:`anpyc.loading.collate_batch`), in this process or in a loader worker alike.
     """
 
     dataset: Dataset
     batches: tuple[tuple[tuple[int, ...], float], ...]
+    seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self):
-        for idx, weight in self.batches:
-            yield default_collate([self.dataset[i] for i in idx]), weight
+        from .loading import collate_batch
+
+        for b, (idx, weight) in enumerate(self.batches):
+            yield collate_batch(self.dataset, idx, self.seed, b), weight
+
+
+# what turns a plan into its batches (anpyc.loading.Loaders.feed); None: this process, batch by batch
+Feeder = Callable[[BatchPlan], Iterable] | None
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, ctx: DistContext | None = None
@@ -64,7 +72,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int, 
         glob = order[start: start + batch_size].tolist()
         mine = glob[rank::world]
         batches.append((tuple(mine), len(mine) * world / len(glob)) if mine else ((glob[0],), 0.0))
-    return BatchPlan(dataset, tuple(batches))
+    return BatchPlan(dataset, tuple(batches), seed)
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,8 @@ class EpochResult:
     accuracy: float
     penalty: float
     batches: int
+    seconds: float = 0.0  # the epoch's wall time
+    data_wait: float = 0.0  # of which the loop waited for batches
 
 
 def train_epoch(
@@ -113,9 +123,17 @@ def train_epoch(
     decay_mask: dict[str, torch.Tensor] | None = None,
     device: torch.device,
     on_batch: Callable[[int, float], None] | None = None,
+    policy=None,
 ) -> EpochResult:
     """One epoch. ``forward(x, batch)`` returns logits for the inputs' tasks; batches are ``(x, y)`` or
-    ``(x, y, task)``."""
+    ``(x, y, task)``; ``loader`` yields ``(batch, weight)`` (a :class:`BatchPlan` or an
+    :class:`anpyc.loading.Feed`, whose ``wait`` is the time spent waiting for batches); ``policy``: the
+    :class:`anpyc.precision.Policy` (autocast, loss scaling, layout)."""
+    from .precision import Policy
+
+    policy = policy or Policy(device=device)
+    scaler = policy.scaler()
+    t0 = time.perf_counter()
     total_loss = total_pen = 0.0
     correct = seen = 0
     n = 0
@@ -123,8 +141,9 @@ def train_epoch(
     decay = cfg.weight_decay > 0 and decay_mask is not None
     decoupled = OPTIMIZERS.get(cfg.name).decoupled
     for batch, weight in loader:
-        x, y = batch[0].to(device), batch[1].to(device)
-        logits = forward(x, batch)
+        x, y = policy.inputs(batch[0].to(device, non_blocking=True)), batch[1].to(device, non_blocking=True)
+        with policy.autocast():
+            logits = forward(x, batch).float()
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= logits.shape[1]):
             from .errors import DataError
 
@@ -138,7 +157,8 @@ def train_epoch(
             raise TrainingDiverged(f"the loss became {float(full.detach())} (not finite) at batch {n}; the last good state is "
                                    "kept", "lower the learning rate (--lr) or the consolidation strength")
         optimizer.zero_grad(set_to_none=True)
-        full.backward()
+        scaler.backward(full)
+        scaler.unscale(optimizer)
         tracker.after_backward(params)
         consolidation.gate(params)
         if cfg.grad_clip > 0:
@@ -149,7 +169,7 @@ def train_epoch(
                     g = params[name].grad
                     if g is not None:
                         g.add_(params[name] * m, alpha=cfg.weight_decay)
-        optimizer.step()
+        scaler.step(optimizer)
         if decay and decoupled:
             with torch.no_grad():
                 for name, m in decay_mask.items():
@@ -165,40 +185,39 @@ def train_epoch(
         if on_batch is not None:
             on_batch(n, float(loss.detach()))
     consolidation.end_epoch(params)
-    return EpochResult(total_loss / max(n, 1), correct / max(seen, 1), total_pen / max(n, 1), n)
+    return EpochResult(total_loss / max(n, 1), correct / max(seen, 1), total_pen / max(n, 1), n,
+                       time.perf_counter() - t0, float(getattr(loader, "wait", 0.0)))
 
 
 @torch.no_grad()
 def correctness(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-                device: torch.device) -> torch.Tensor:
+                device: torch.device, feed: Feeder = None) -> torch.Tensor:
     """Whether ``forward``'s top-1 prediction is right, per sample of ``dataset`` in order (a bool vector on the
     CPU): what the prune guard compares before and after a prune step."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    parts = [(forward(b[0].to(device)).argmax(1) == b[1].to(device)).cpu() for b in loader]
+    plan = make_loader(dataset, batch_size, shuffle=False, seed=0)
+    parts = [(forward(b[0].to(device)).argmax(1) == b[1].to(device)).cpu() for b, _ in (feed or iter)(plan)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
-             device: torch.device) -> float:
+             device: torch.device, feed: Feeder = None) -> float:
     """Top-1 accuracy of ``forward`` on ``dataset`` (NaN for an empty dataset)."""
     if dataset is None or len(dataset) == 0:
         return math.nan
-    right = correctness(forward, dataset, batch_size, device)
+    right = correctness(forward, dataset, batch_size, device, feed)
     return int(right.sum()) / int(right.numel())
 
 
 def take_batches(dataset: Dataset, batch_size: int, max_batches: int, seed: int, device: torch.device,
-                 ctx: DistContext | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 ctx: DistContext | None = None, feed: Feeder = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Up to ``max_batches`` shuffled batches (0 = all) for importance estimation; under torchrun each rank takes
     every world-th batch (the caller averages the scores across ranks)."""
     plan = make_loader(dataset, batch_size, shuffle=True, seed=seed)
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None and ctx.enabled else (0, 1)
-    for i, (idx, _) in enumerate(plan.batches):
-        if max_batches and i >= max_batches:
-            break
-        if i % world == rank:
-            batch = default_collate([dataset[j] for j in idx])
-            yield batch[0].to(device), batch[1].to(device)
+    batches = plan.batches[:max_batches] if max_batches else plan.batches
+    mine = BatchPlan(dataset, tuple(b for i, b in enumerate(batches) if i % world == rank), seed)
+    for batch, _ in (feed or iter)(mine):
+        yield batch[0].to(device), batch[1].to(device)
 
 
 class _Tagged(Dataset):

@@ -1,7 +1,9 @@
 """Worker for tests/test_crash_safety.py (and the growth test): trains (or resumes) a small run; prints READY once
 training starts.
 
-Usage: python crash_worker.py RUN_DIR [grow]   (grow: an MLP stream whose free units run out, so it widens)
+Usage: python crash_worker.py RUN_DIR [grow | workers N]
+  grow: an MLP stream whose free units run out, so it widens
+  workers N: an augmented JPEG folder (next to RUN_DIR, written once) decoded per item by N loader workers
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ if sys.argv[2:] == ["grow"]:
         "importance.batch_size": 8, "prune.mode": "gradual", "prune.horizon": 2, "grow.min_free": 0.5,
         "grow.step": 0.25})
     model, kwargs = "mlp", {"hidden": [16, 16]}
+if sys.argv[2:3] == ["workers"]:
+    from test_loading import folder, make_images
+
+    images = run.parent / "images"
+    if not images.exists():
+        make_images(images, tasks=2, per_class=12)
+    stream = folder(images)
+    cfg = cfg.replace(workers=int(sys.argv[3]))
+    torch.set_num_threads(1)  # (importing the test module set the suite's thread count)
 if (run / "run.json").exists():
     learner = anpyc.ContinualLearner.resume(run)
 else:

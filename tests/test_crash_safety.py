@@ -30,6 +30,38 @@ def _wait_ready(proc: subprocess.Popen) -> None:
     assert line.strip() == "READY", (line, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
 
 
+def reference_run(ref: Path, *args: str) -> float:
+    """An uninterrupted run of the worker into ``ref``; returns its training time (READY to DONE)."""
+    proc = _start(ref, *args)
+    _wait_ready(proc)
+    t0 = time.monotonic()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and "DONE" in out, err[-3000:]
+    return time.monotonic() - t0
+
+
+def kill_and_resume(run: Path, *args: str, kills: int, low: float, high: float, seed: int) -> int:
+    """Start (or resume) the worker into ``run``, SIGKILL it after a random ``[low, high]`` seconds, until ``kills``
+    kills, then let it finish; every kill leaves no torn file. Returns the kills made (fewer when a run finished
+    before its kill)."""
+    rng, made = random.Random(seed), 0
+    while True:
+        proc = _start(run, *args)
+        _wait_ready(proc)
+        if made >= kills:
+            out, err = proc.communicate(timeout=900)
+            assert proc.returncode == 0 and "DONE" in out, err[-3000:]
+            return made
+        time.sleep(rng.uniform(low, high))
+        if proc.poll() is not None:  # finished before the kill: the run is complete
+            assert proc.returncode == 0, proc.stderr.read()[-3000:]
+            return made
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        made += 1
+        _check_not_torn(run)
+
+
 def _check_not_torn(run: Path) -> None:
     """Every committed file is present and matches its checksum; every JSON file parses."""
     if not (run / "run.json").exists():

@@ -5,10 +5,6 @@ past 254 tasks widens its owner dtype and round-trips its mask file."""
 from __future__ import annotations
 
 import json
-import os
-import random
-import signal
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,7 @@ from anpyc.structure.growth import growable
 
 from conftest import MODELS
 from test_bad_inputs import FAST, invoke
-from test_crash_safety import _check_not_torn, _start, _wait_ready
+from test_crash_safety import kill_and_resume, reference_run
 
 GROW = {"optim.epochs": 2, "optim.batch_size": 16, "optim.lr": 0.02, "importance.max_batches": 2,
         "importance.batch_size": 16, "prune.mode": "gradual", "prune.horizon": 2, "grow.min_free": 0.5,
@@ -144,30 +140,9 @@ def test_a_group_the_rules_cannot_widen_is_never_widened():
 
 @pytest.mark.slow
 def test_grown_run_resumes_after_sigkill(tmp_path):
-    ref = tmp_path / "ref"
-    proc = _start(ref, "grow")
-    _wait_ready(proc)
-    t0 = time.monotonic()
-    out, err = proc.communicate(timeout=900)
-    t_run = time.monotonic() - t0
-    assert proc.returncode == 0 and "DONE" in out, err[-3000:]
-    run, rng, kills = tmp_path / "run", random.Random(7), 0
-    while True:
-        proc = _start(run, "grow")
-        _wait_ready(proc)
-        if kills >= 6:
-            out = proc.stdout.read()
-            proc.wait(timeout=900)
-            assert proc.returncode == 0 and "DONE" in out, proc.stderr.read()[-3000:]
-            break
-        time.sleep(rng.uniform(0.01, t_run / 6))
-        if proc.poll() is not None:
-            assert proc.returncode == 0, proc.stderr.read()[-3000:]
-            break
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        kills += 1
-        _check_not_torn(run)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    t_run = reference_run(ref, "grow")
+    kills = kill_and_resume(run, "grow", kills=6, low=0.01, high=t_run / 6, seed=7)
     assert kills >= 4, kills
     a = json.loads((ref / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())

@@ -49,6 +49,8 @@ class MemoryDataset(Dataset):
     ``source_rows`` records where each item came from in its source arrays (default: ``rows``).
     """
 
+    in_memory = True  # batches are built in the training process (anpyc.loading)
+
     def __init__(
         self,
         inputs: torch.Tensor,
@@ -136,6 +138,12 @@ class LazyDataset(Dataset):
 
     def __len__(self) -> int:
         return self._length
+
+    @property
+    def in_memory(self) -> bool:
+        from anpyc.loading import in_memory
+
+        return in_memory(self.data)
 
     def __getitem__(self, i: int):
         return self.data[i]

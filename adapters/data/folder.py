@@ -77,6 +77,11 @@ class ImageFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def in_memory(self) -> bool:
+        """Cached: batches are built in the training process; decoded per item: by worker processes."""
+        return self._cache is not None
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self._cache[i] if self._cache is not None else self.transform(_open_image(self.paths[i]))
         return x, int(self.labels[i])

@@ -20,6 +20,9 @@ from .._common import flatten, parse_assignments, read_config_file
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS.names()}, type=str)
 
 
+# The mixed-precision modes (anpyc.precision.AMP), spelled out here so that --help imports no torch.
+Amp = Enum("Amp", {name: name for name in ("none", "bf16", "fp16")}, type=str)
+
 # Keys of a config file that are not LearnerConfig fields.
 FILE_KEYS = ("model", "data", "tasks")
 
@@ -107,6 +110,17 @@ def command(
     seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of initialisation and training order.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps.")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch CPU threads \\[default: torch's].")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Data-loading worker processes (torch "
+                                                   "DataLoader); 0 = in the training process; data held in memory "
+                                                   "always loads in-process. Same batches for any N "
+                                                   "\\[default: cores - 1, at most 8].", show_default=False)] = None,
+    amp: Annotated[Optional[Amp], typer.Option("--amp", help="Mixed precision: autocast to bf16 or fp16 (loss "
+                                               "scaling), float32 master weights \\[default: none].",
+                                               show_default=False)] = None,
+    channels_last: Annotated[Optional[bool], typer.Option("--channels-last/--no-channels-last", help="NHWC memory "
+                                                          "layout for convolutional backbones (faster kernels on "
+                                                          "GPUs and recent CPUs) \\[default: off].",
+                                                          show_default=False)] = None,
     settings: Annotated[Optional[list[str]], typer.Option("--set", help="Any config key, dotted: "
                                                           "--set prune.tolerance=0.01 (repeatable).")] = None,
     data_opts: Annotated[Optional[list[str]], typer.Option("--data-opt", help="Stream option: --data-opt "
@@ -136,6 +150,8 @@ def command(
     for value, flag in ((tasks, "--tasks"), (epochs, "--epochs"), (img_size, "--img-size"),
                         (batch_size, "--batch-size"), (threads, "--threads")):
         _positive(value, flag)
+    if workers is not None and workers < 0:
+        raise typer.BadParameter(f"must be >= 0, got {workers}", param_hint="--workers")
     if lr is not None and not lr > 0:
         raise typer.BadParameter(f"must be > 0, got {lr}", param_hint="--lr")
     if pretrained and weights is not None:
@@ -151,14 +167,15 @@ def command(
         recipe = {"--config": config_file, "--method": method, "--epochs": epochs, "--lr": lr,
                   "--batch-size": batch_size, "--seed": seed, "--device": device, "--set": settings,
                   "--model-opt": model_opts, "--pretrained": pretrained, "--weights": weights,
-                  "--grow/--no-grow": grow is not None}
+                  "--grow/--no-grow": grow is not None, "--amp": amp,
+                  "--channels-last/--no-channels-last": channels_last is not None}
         given = [flag for flag, v in recipe.items() if v]
         if given:
             raise typer.BadParameter(f"a resumed run keeps the configuration recorded in {out / 'config.json'}; "
                                      f"drop {', '.join(given)} (or train a new run in another --out)",
                                      param_hint="--resume")
         _resume(out, model=model, data=data, stream_opts=stream_opts, tasks=tasks, threads=threads,
-                progress=progress, plots=plots, tensorboard=tensorboard)
+                progress=progress, plots=plots, tensorboard=tensorboard, workers=workers)
         return
 
     if (out / "run.json").exists():
@@ -195,7 +212,9 @@ def command(
     preset = method.value if method is not None else dotted.get("method", "anpyc")
     dotted.pop("method", None)
     for key, value in (("optim.epochs", epochs), ("optim.lr", lr), ("optim.batch_size", batch_size),
-                       ("seed", seed), ("device", device), ("threads", threads), ("grow.enabled", grow)):
+                       ("seed", seed), ("device", device), ("threads", threads), ("grow.enabled", grow),
+                       ("workers", workers), ("amp", amp.value if amp is not None else None),
+                       ("channels_last", channels_last)):
         if value is not None:
             dotted[key] = value
 
@@ -234,7 +253,8 @@ def _tracker(log_dir: Optional[Path], config):
 
 
 def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts: dict, tasks: Optional[int],
-            threads: Optional[int], progress: Optional[bool], plots: bool, tensorboard: Optional[Path]) -> None:
+            threads: Optional[int], progress: Optional[bool], plots: bool, tensorboard: Optional[Path],
+            workers: Optional[int] = None) -> None:
     from anpyc.errors import RunDirError
 
     from ..sources import read_source, resolve_source
@@ -267,6 +287,8 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
         import torch
 
         torch.set_num_threads(threads)
+    if workers is not None:  # likewise the loader workers: the batches do not depend on their number
+        learner.loaders.workers = workers
     _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
 
 
