@@ -1,8 +1,9 @@
 """Configuration: frozen dataclasses, passed explicitly, validated on load.
 
 ``LearnerConfig`` is the whole recipe of a run; it is saved as JSON in the run directory. Method presets
-(``anpyc``, ``paper``, ``ewc``, ``mas``, ``si``, ``packnet``, ``finetune``, ``joint``) are registered
-functions returning a ``LearnerConfig``; user overrides are applied on top with :func:`override`.
+(``anpyc``, ``paper``, ``ewc``, ``mas``, ``si``, ``packnet``, ``finetune``, ``joint``) are registered functions
+returning a ``LearnerConfig`` (:mod:`anpyc.presets`, re-exported here); user overrides are applied on top with
+:func:`override`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .registry import Registry
 
 __all__ = [
     "OptimConfig",
@@ -353,157 +353,5 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-# ----------------------------------------------------------------------------------------------- method presets
-
-METHODS: Registry = Registry("method")
-# growth widens structured units owned task by task: the other methods own elements, or share everything
-NO_GROWTH = GrowConfig(enabled=False)
-
-
-def method_config(name: str, **overrides: Any) -> LearnerConfig:
-    """The preset ``name`` with ``overrides`` (dotted keys allowed) applied."""
-    cfg = METHODS.get(name)()
-    return override(cfg, overrides) if overrides else cfg
-
-
-# The default: gradual pruning inside the task's epochs (no prune-retrain rounds: the prune phase costs no more than
-# the training it replaces), a paired guard that releases what the trained task does not use, earlier tasks frozen,
-# and growth that keeps a quarter of every group's base width free for each new task. The share is a compromise
-# measured on validation (benchmarks/forgetting.py --search; BENCHMARKS.md): on permuted MNIST-5k (10 tasks, an MLP
-# small for its 10-class tasks) grow.min_free 0.125 / 0.25 / 0.5 / 0.75 gave 92.0 / 93.6 / 94.4 / 94.8 validation
-# ACC against PackNet's 93.8, and each step up costs wall time; on split digits (resnet18, far larger than its
-# 2-class tasks) 0.5 took 4-5x PackNet's wall time for no accuracy over the smaller shares. Small backbones that
-# learn many-class tasks: set grow.min_free = 0.5.
-
-
-@METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, gradual pruning with a paired guard, "
-                                 "earlier tasks frozen, growth when free units run out")
-def _anpyc() -> LearnerConfig:
-    # built here, not at import: validating a PruneConfig imports the registries (and torch), which `anpyc --help`
-    # must not pay for
-    return LearnerConfig(method="anpyc", prune=PruneConfig(mode="gradual", tolerance=0.01),
-                         grow=GrowConfig(min_free=0.25), consolidation=ConsolidationConfig(rule="hard"))
-
-
-@METHODS.register("anpyc-element", help="ANPyC with unstructured element masks: more reuse on long streams, no "
-                                         "inference speed-up")
-def _anpyc_element() -> LearnerConfig:
-    # Every weight element is owned by one task: a later task can own fresh input weights of a unit an earlier task
-    # uses, so long streams of tasks that need task-specific first layers (permuted MNIST) keep learning after the
-    # units themselves are all taken. Exported models are dense with zeroed weights (no speed or size gain).
-    # Geometric guarded pruning down to 1% of a claim, 4 retrain epochs per step: the winner of the validation search
-    # on permuted MNIST-5k at 50 tasks (benchmarks/forgetting.py --search --suites permuted50; BENCHMARKS.md). On
-    # 10 tasks, keeping more per task (tolerance 0.01, linear steps) wins instead: a short stream needs no room.
-    return LearnerConfig(method="anpyc-element", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="hard"),
-                         prune=PruneConfig(granularity="element", tolerance=0.02, max_ratio=0.99, retrain_epochs=4,
-                                           geometric=True, step=0.5))
-
-
-@METHODS.register("anpyc-soft", help="ANPyC with soft consolidation: quadratic penalty plus importance-gated updates")
-def _anpyc_soft() -> LearnerConfig:
-    return LearnerConfig(method="anpyc-soft", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="gate"))
-
-
-# The original's lambda = 3 multiplies its raw importance: the entropy *summed* over a batch of 256, so its scores
-# are ~256x ours (batch mean) and their mean over the kept elements of permuted-MNIST task 0 is 0.0231 (measured on
-# the 784-64-32 MLP after 30 epochs; the first-order term dominates). Our quadratic rule divides omega by that mean,
-# so the original's penalty is strength = 3 * 0.0231 ~= 0.07 here. strength = 3.0 on the normalised scale is 43x
-# the original and makes plain SGD (lr 0.02) diverge on the second task: an element is unstable once
-# 2 * lr * strength * omega~ > 2, and omega~ reaches ~200 in the tail.
-PAPER_STRENGTH = 0.07
-
-
-@METHODS.register("paper", help="the original ANPyC: unstructured masks, fixed schedule, SGD, lambda 3")
-def _paper() -> LearnerConfig:
-    # Dropout 0.5 belongs to the original's MLP (after each hidden layer): build the trunk with it,
-    # create_backbone("mlp", hidden=[64, 32], dropout=0.5). A feature dropout here would apply a second dropout
-    # to the last hidden layer (0.75 drop rate in effect), so optim.dropout stays 0.
-    return LearnerConfig(
-        method="paper",
-        grow=NO_GROWTH,
-        optim=OptimConfig(name="sgd", lr=0.02, momentum=0.0, batch_size=256, epochs=30, dropout=0.0),
-        importance=ImportanceConfig(measure="entropy_taylor", max_batches=0, batch_size=256, accumulate="sum"),
-        prune=PruneConfig(mode="schedule", granularity="element", step=0.1, first_ratio=0.5, decay=0.8,
-                          retrain_epochs=30, prune_final=False),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=PAPER_STRENGTH),
-        reinit_free=False,
-        inference="shared",  # the original evaluates every task on the whole current network (no per-task masks)
-    )
-
-
-# A preset's own network where the user names a backbone without its settings (``--model mlp``): the paper mode is
-# the original's 784-64-32 MLP with dropout 0.5 after each hidden layer. Explicit model_kwargs win.
-BACKBONE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
-    "paper": {"mlp": {"hidden": [64, 32], "dropout": 0.5}},
-}
-
-
-# Baseline strengths: the winners of the validation search on permuted MNIST-5k, 10 tasks, MLP 784-256-256
-# (benchmarks/forgetting.py --search; grids and numbers in BENCHMARKS.md). The quadratic rule normalises omega to
-# mean 1 over the old elements, but its tail reaches 100x-500x the mean, and plain/momentum SGD diverges on an
-# element once lr * 2 * strength * omega~ > 2 * (1 + momentum): with lr 0.05 and momentum 0.9 the former default
-# strength of 100 (EWC) diverged on the second task, and strengths >= 1 diverge for every measure. Below that,
-# a weak penalty wins on validation: stronger ones stop later tasks from learning (intransigence).
-
-
-# EWC: Adam (lr 1e-3, strength 0.01) beat SGD with momentum (best strength 0.003) on validation: 91.5 vs 90.8.
-@METHODS.register("ewc", help="Elastic Weight Consolidation: Fisher importance, quadratic penalty, no pruning")
-def _ewc() -> LearnerConfig:
-    return LearnerConfig(
-        method="ewc",
-        grow=NO_GROWTH,
-        optim=OptimConfig(name="adam", lr=0.001),
-        importance=ImportanceConfig(measure="fisher"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.01),
-    )
-
-
-@METHODS.register("mas", help="Memory Aware Synapses: output-sensitivity importance, quadratic penalty")
-def _mas() -> LearnerConfig:
-    return LearnerConfig(
-        method="mas",
-        grow=NO_GROWTH,
-        importance=ImportanceConfig(measure="mas"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
-    )
-
-
-@METHODS.register("si", help="Synaptic Intelligence: path-integral importance, quadratic penalty")
-def _si() -> LearnerConfig:
-    # SGD with momentum (strength 0.001) beat Adam (lr 1e-3, best strength 0.01) on validation: 91.9 vs 90.5
-    return LearnerConfig(
-        method="si",
-        grow=NO_GROWTH,
-        importance=ImportanceConfig(measure="si"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
-    )
-
-
-@METHODS.register("packnet", help="PackNet: magnitude pruning to a fixed ratio, hard freeze of earlier tasks")
-def _packnet() -> LearnerConfig:
-    # each task releases 90% of the weights it claimed (in two steps, 50% then 90%, retraining after each):
-    # tied with 75% on validation and leaves far more capacity for later tasks (65% vs 94% used after 10 tasks)
-    return LearnerConfig(
-        method="packnet",
-        grow=NO_GROWTH,
-        importance=ImportanceConfig(measure="magnitude"),
-        prune=PruneConfig(mode="schedule", granularity="element", first_ratio=0.9, decay=1.0, step=0.5,
-                          retrain_epochs=1),
-        consolidation=ConsolidationConfig(rule="hard"),
-        reinit_free=False,
-    )
-
-
-@METHODS.register("finetune", help="fine-tuning: shared weights, no protection (lower bound)")
-def _finetune() -> LearnerConfig:
-    return LearnerConfig(method="finetune", grow=NO_GROWTH, prune=PruneConfig(mode="none"),
-                         consolidation=ConsolidationConfig(rule="none"))
-
-
-@METHODS.register("joint", help="joint training on all tasks seen so far (upper bound, keeps all data)")
-def _joint() -> LearnerConfig:
-    return LearnerConfig(method="joint", grow=NO_GROWTH, prune=PruneConfig(mode="none"),
-                         consolidation=ConsolidationConfig(rule="none"), replay="all")
+# the presets live in their own room; they are read through this module too (``anpyc.config.method_config``)
+from .presets import BACKBONE_DEFAULTS, METHODS, NO_GROWTH, PAPER_STRENGTH, method_config  # noqa: E402

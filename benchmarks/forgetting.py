@@ -530,13 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="folder caching one JSON per run (resumable)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite the markdown section")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the markdown section from the results files, running nothing")
     args = parser.parse_args(argv)
     _bench.setup_torch(args.threads)
     seeds = _bench.parse_list(args.seeds, int)
     results_dir = args.results or (args.out.resolve().parent / "benchmarks" / "results")
     results_dir.mkdir(parents=True, exist_ok=True)
     tag = "_quick" if args.quick else ""
-    for name in _bench.parse_list(args.suites):
+    for name in [] if args.render_only else _bench.parse_list(args.suites):
         if name not in SUITES:
             parser.error(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
         suite = SUITES[name]
