@@ -98,3 +98,22 @@ def test_check_keeps_the_exporters_lines_in_the_log(split_model, tmp_path, capfd
     fd_out, fd_err = capfd.readouterr()
     assert r.exit_code == 0, r.output
     assert SPLIT_LINE in r.output + fd_out + fd_err
+
+
+def test_export_keeps_the_exporters_lines_in_the_log(split_model, tmp_path, capfd):
+    runner = CliRunner(env={"COLUMNS": "200"})
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "--model", "test_splits", "--data", "synthetic", "--data-opt",
+                            "samples_per_class=8", "--data-opt", "img_size=16", "--tasks", "1", "--out", str(run),
+                            "--epochs", "1", "--batch-size", "16", "--set", "importance.max_batches=1",
+                            "--set", "prune.mode=schedule", "--set", "prune.retrain_epochs=1", "--no-progress",
+                            "--no-plots", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    capfd.readouterr()
+    r = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "exp")])
+    fd_out, fd_err = capfd.readouterr()
+    assert r.exit_code == 0, r.output
+    assert SPLIT_LINE in (tmp_path / "exp" / "export.log").read_text()
+    assert SPLIT_LINE not in r.output + fd_out + fd_err
+    assert r.stdout.splitlines()[0].startswith("task 0 ") and "parity=" in r.stdout
+    assert r.stdout.splitlines()[-1] == f"library messages: {tmp_path / 'exp' / 'export.log'}"
