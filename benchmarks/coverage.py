@@ -4,7 +4,7 @@
     python benchmarks/coverage.py --models resnet18,vit_tiny_patch16_224 --jobs 1 --no-write
     nice -n 15 python benchmarks/coverage.py --families     # the smallest model of every timm model module
 
-Each model runs ``anpyc.export.check.check_model`` in its own subprocess (random init, never pretrained weights;
+Each model runs ``anpyc.apps.check.check_model`` in its own subprocess (random init, never pretrained weights;
 32x32 input or the smallest size the model accepts; two synthetic tasks, each pruned to about half of its units;
 every task exported to ONNX and checked against the masked model in onnxruntime, max abs diff <= 1e-4), with a
 per-model timeout, so one model that hangs or crashes costs only its own row. Results go to
@@ -121,7 +121,7 @@ def _worker(model: str, out: Path, threads: int, steps: int) -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from anpyc.export.check import check_model
+    from anpyc.apps.check import check_model
 
     result = check_model(model, threads=threads, steps=steps, min_prunable=MIN_PRUNABLE)
     out.write_text(json.dumps(result, default=str))

@@ -1,4 +1,4 @@
-"""anpyc.export.check: a backbone walks, learns two pruned tasks and exports with parity, or says why not."""
+"""anpyc.apps.check: a backbone walks, learns two pruned tasks and exports with parity, or says why not."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from anpyc.export.check import check_model, find_input_size
+from anpyc.apps.check import check_model, find_input_size
 
 
 @pytest.mark.parametrize("model", ["test_resnet", "test_vit"])

@@ -45,9 +45,9 @@ def stand_in_checker(monkeypatch):
                 "rejected": 0 if ok else 2, "units": 672, "params_per_task": [5638, 10268],
                 "parity": [1e-6, 2e-6] if ok else [1e-6, 3e-2], "seconds": 4.2}
 
-    module = types.ModuleType("anpyc.export.check")
+    module = types.ModuleType("anpyc.apps.check")
     module.check_model = check_model
-    monkeypatch.setitem(sys.modules, "anpyc.export.check", module)
+    monkeypatch.setitem(sys.modules, "anpyc.apps.check", module)
     return calls
 
 

@@ -10,7 +10,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"anpyc_core": "anpyc", "adapters": "anpyc.adapters", "export": "anpyc.export", "cli": "anpyc.cli"}
+FOLDERS = {"anpyc_core": "anpyc", "adapters": "anpyc.adapters", "export": "anpyc.export", "apps": "anpyc.apps",
+           "cli": "anpyc.cli"}
 
 
 def _source_packages() -> set[str]:
@@ -46,8 +47,10 @@ def test_wheel_has_one_namespace_and_imports(tmp_path):
         "                    and 'editable' not in getattr(f, '__name__', '').lower()]\n"
         f"sys.path.insert(0, {str(site)!r})\n"
         "import anpyc, anpyc.cli.app, anpyc.export.runtime, anpyc.adapters.data, anpyc.structure\n"
+        "import anpyc.apps.check, anpyc.apps.quickstart\n"
         f"assert anpyc.__file__.startswith({str(site)!r}), anpyc.__file__\n"
         "assert 'adapters' not in sys.modules and 'export' not in sys.modules and 'cli' not in sys.modules\n"
+        "assert 'apps' not in sys.modules\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
@@ -55,8 +58,10 @@ def test_wheel_has_one_namespace_and_imports(tmp_path):
 
 
 def test_editable_install_imports_from_the_repo():
-    code = ("import sys, anpyc, anpyc.cli.app, anpyc.export.runtime, anpyc.adapters.backbones;"
-            "print(anpyc.__file__); assert 'adapters' not in sys.modules")
+    code = ("import sys, anpyc, anpyc.cli.app, anpyc.export.runtime, anpyc.adapters.backbones, anpyc.apps.check;"
+            "import anpyc.apps.quickstart as q; assert q.__file__.startswith(%r), q.__file__;"
+            "print(anpyc.__file__); assert 'adapters' not in sys.modules and 'apps' not in sys.modules"
+            % str(ROOT / "apps"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
                          env={**os.environ, "PYTHONPATH": ""})
     assert out.returncode == 0, out.stderr

@@ -109,8 +109,8 @@ def test_broken_rule_is_caught(monkeypatch):
     def broken(m, direction, pos):
         touches = original(m, direction, pos)
         n = m.num_features
-        return [layers.Touch(t.attr, t.dim, tuple(n - 1 - p for p in t.positions)) if t.attr == "running_var" else t
-                for t in touches]
+        return [layers.TensorSlice(t.tensor, t.dim, tuple(n - 1 - p for p in t.positions))
+                if t.tensor == "running_var" else t for t in touches]
 
     monkeypatch.setitem(layers.SLICE_RULES, nn.modules.batchnorm._BatchNorm, broken)
     trunk, x = _build("cnn")

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from .layers import has_resync_rule, resync
 from .slicing import _drop_tensor_caches, _sync_static_sizes
-from .units import NormSite, Structure, TensorSlice, UnitGroup
+from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
 
 __all__ = ["growable", "grow_group", "Layout"]
 
@@ -218,11 +218,4 @@ def _grown_structure(structure: Structure, group: UnitGroup, dims: dict[tuple[st
 
 def _with_cost(group: UnitGroup, shapes: dict[str, tuple[int, ...]]) -> UnitGroup:
     """The group with its units' parameter counts recomputed from the (possibly grown) tensor shapes."""
-    cost = torch.zeros(group.size)
-    for s in group.slices:
-        per_pos = 1
-        for i, v in enumerate(shapes[s.tensor]):
-            if i != s.dim:
-                per_pos *= v
-        cost.index_add_(0, torch.tensor(s.units, dtype=torch.long), torch.full((len(s.units),), float(per_pos)))
-    return replace(group, unit_cost=cost)
+    return replace(group, unit_cost=unit_costs(group.slices, shapes, group.size))

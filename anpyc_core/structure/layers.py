@@ -6,14 +6,14 @@ box: they say what a channel means for one kind of layer, never anything about a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
+from .units import TensorSlice
+
 __all__ = [
-    "Touch",
     "SLICE_RULES",
     "RESYNC_RULES",
     "slices_for",
@@ -25,25 +25,7 @@ __all__ = [
     "HEAD_WIDTH_ATTRS",
 ]
 
-
-@dataclass(frozen=True)
-class Touch:
-    """Positions ``positions`` along dimension ``dim`` of the tensor ``attr`` (a parameter or buffer) of a module.
-
-    ``src[i]`` is the index, in the channel list the rule was given, of the channel that owns ``positions[i]``
-    (``None`` means position i belongs to channel i).
-    """
-
-    attr: str
-    dim: int
-    positions: tuple[int, ...]
-    src: tuple[int, ...] | None = None
-
-    def sources(self) -> tuple[int, ...]:
-        return self.src if self.src is not None else tuple(range(len(self.positions)))
-
-
-SliceRule = Callable[[nn.Module, str, Sequence[int]], list[Touch]]
+SliceRule = Callable[[nn.Module, str, Sequence[int]], list[TensorSlice]]
 SLICE_RULES: dict[type, SliceRule] = {}
 RESYNC_RULES: dict[type, Callable[[nn.Module], None]] = {}
 
@@ -64,8 +46,9 @@ def _lookup(table: dict, module: nn.Module):
     return None
 
 
-def slices_for(module: nn.Module, direction: str, positions: Sequence[int]) -> list[Touch] | None:
-    """The tensors touched when channels ``positions`` of ``module``'s ``direction`` ("in"/"out") are removed.
+def slices_for(module: nn.Module, direction: str, positions: Sequence[int]) -> list[TensorSlice] | None:
+    """The tensors touched when channels ``positions`` of ``module``'s ``direction`` ("in"/"out") are removed: slices
+    named by the module's attribute, owned by index into ``positions``.
 
     Returns None for a layer type without a rule (the group it is in is then not prunable).
     """
@@ -97,27 +80,27 @@ def _conv_is_depthwise(m: nn.modules.conv._ConvNd) -> bool:
 
 
 @_register(SLICE_RULES, nn.modules.conv._ConvNd)
-def _conv_slices(m: nn.modules.conv._ConvNd, direction: str, pos: list[int]) -> list[Touch]:
+def _conv_slices(m: nn.modules.conv._ConvNd, direction: str, pos: list[int]) -> list[TensorSlice]:
     w_out, w_in = (1, 0) if m.transposed else (0, 1)
     if direction == "out":
-        touches = [Touch("weight", w_out, tuple(pos))]
+        touches = [TensorSlice("weight", w_out, tuple(pos))]
         if m.bias is not None:
-            touches.append(Touch("bias", 0, tuple(pos)))
+            touches.append(TensorSlice("bias", 0, tuple(pos)))
         return touches
     if _conv_is_depthwise(m):
         # an input channel of a depthwise conv owns its `multiplier` output filters
         mult = m.out_channels // m.in_channels
         rows = tuple(p * mult + k for p in pos for k in range(mult))
         src = tuple(i for i in range(len(pos)) for _ in range(mult))
-        touches = [Touch("weight", w_out, rows, src)]
+        touches = [TensorSlice("weight", w_out, rows, src)]
         if m.bias is not None:
-            touches.append(Touch("bias", 0, rows, src))
+            touches.append(TensorSlice("bias", 0, rows, src))
         return touches
     if m.groups > 1:
         # grouped conv: input channel c is column c % (in/groups); units are merged into stripes beforehand
         per_group = m.in_channels // m.groups
-        return [Touch("weight", w_in, tuple(p % per_group for p in pos))]
-    return [Touch("weight", w_in, tuple(pos))]
+        return [TensorSlice("weight", w_in, tuple(p % per_group for p in pos))]
+    return [TensorSlice("weight", w_in, tuple(pos))]
 
 
 @_register(RESYNC_RULES, nn.modules.conv._ConvNd)
@@ -135,10 +118,11 @@ def _conv_resync(m: nn.modules.conv._ConvNd) -> None:
 # ------------------------------------------------------------------------------------------------ linear
 
 @_register(SLICE_RULES, nn.Linear)
-def _linear_slices(m: nn.Linear, direction: str, pos: list[int]) -> list[Touch]:
+def _linear_slices(m: nn.Linear, direction: str, pos: list[int]) -> list[TensorSlice]:
     if direction == "out":
-        return [Touch("weight", 0, tuple(pos))] + ([Touch("bias", 0, tuple(pos))] if m.bias is not None else [])
-    return [Touch("weight", 1, tuple(pos))]
+        bias = [TensorSlice("bias", 0, tuple(pos))] if m.bias is not None else []
+        return [TensorSlice("weight", 0, tuple(pos))] + bias
+    return [TensorSlice("weight", 1, tuple(pos))]
 
 
 @_register(RESYNC_RULES, nn.Linear)
@@ -149,9 +133,9 @@ def _linear_resync(m: nn.Linear) -> None:
 # ------------------------------------------------------------------------------------------------ norms
 
 @_register(SLICE_RULES, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
-def _bn_slices(m: nn.Module, direction: str, pos: list[int]) -> list[Touch]:
+def _bn_slices(m: nn.Module, direction: str, pos: list[int]) -> list[TensorSlice]:
     names = _present(m, "weight", "bias", "running_mean", "running_var")
-    return [Touch(n, 0, tuple(pos)) for n in names]
+    return [TensorSlice(n, 0, tuple(pos)) for n in names]
 
 
 @_register(RESYNC_RULES, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -162,8 +146,8 @@ def _bn_resync(m: nn.Module) -> None:
 
 
 @_register(SLICE_RULES, nn.LayerNorm, nn.GroupNorm)
-def _ln_slices(m: nn.Module, direction: str, pos: list[int]) -> list[Touch]:
-    return [Touch(n, 0, tuple(pos)) for n in _present(m, "weight", "bias")]
+def _ln_slices(m: nn.Module, direction: str, pos: list[int]) -> list[TensorSlice]:
+    return [TensorSlice(n, 0, tuple(pos)) for n in _present(m, "weight", "bias")]
 
 
 @_register(RESYNC_RULES, nn.LayerNorm)
@@ -179,8 +163,8 @@ def _gn_resync(m: nn.GroupNorm) -> None:
 
 
 @_register(SLICE_RULES, nn.PReLU)
-def _prelu_slices(m: nn.PReLU, direction: str, pos: list[int]) -> list[Touch]:
-    return [Touch("weight", 0, tuple(pos))] if m.num_parameters > 1 else []
+def _prelu_slices(m: nn.PReLU, direction: str, pos: list[int]) -> list[TensorSlice]:
+    return [TensorSlice("weight", 0, tuple(pos))] if m.num_parameters > 1 else []
 
 
 @_register(RESYNC_RULES, nn.PReLU)
@@ -189,8 +173,8 @@ def _prelu_resync(m: nn.PReLU) -> None:
 
 
 @_register(SLICE_RULES, nn.Embedding)
-def _embedding_slices(m: nn.Embedding, direction: str, pos: list[int]) -> list[Touch]:
-    return [Touch("weight", 1, tuple(pos))]
+def _embedding_slices(m: nn.Embedding, direction: str, pos: list[int]) -> list[TensorSlice]:
+    return [TensorSlice("weight", 1, tuple(pos))]
 
 
 @_register(RESYNC_RULES, nn.Embedding)

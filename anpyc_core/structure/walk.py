@@ -24,14 +24,21 @@ from .explain import Break, locate_break
 from .layers import norm_kind
 from .slicing import kept_positions, slice_trunk
 from .trace import trace_groups
-from .units import HEAD_MODES, PARENTS_SUFFIX, Rejected, Structure, attention_owners, build_structure
+from .attention import HEAD_MODES
+from .build import PARENTS_SUFFIX, attention_owners, build_structure
+from .units import Rejected, Structure
 
 __all__ = ["walk", "verify_groups", "randomize_norms", "feature_count", "ParityReport", "channel_stat_modules"]
 
 
 def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
-    """The trunk's output width: timm's ``num_features`` contract, else measured with one forward."""
-    nf = getattr(trunk, "num_features", None)
+    """The trunk's output width, measured with one forward on ``example`` (in eval mode).
+
+    The forward is the check as well: a trunk that fails on the input, or returns anything but pooled
+    ``[batch, features]``, is refused with the fix. timm's ``num_features`` attribute is not read: it names the
+    width before the pre-logits head, which is not what ``forward`` returns on every model (MobileNetV3's
+    ``head_hidden_size``), and a torch module need not have it at all.
+    """
     with torch.no_grad():
         was = trunk.training
         trunk.eval()
@@ -47,8 +54,6 @@ def feature_count(trunk: nn.Module, example: torch.Tensor) -> int:
         shape = getattr(out, "shape", type(out).__name__)
         raise ModelError(f"{type(trunk).__name__} returns {shape}, not pooled features [batch, features]",
                          "pass a backbone without its classifier (timm: num_classes=0) that returns [B, F]")
-    if isinstance(nf, int) and nf != out.shape[1]:
-        return int(out.shape[1])
     return int(out.shape[1])
 
 

@@ -109,11 +109,11 @@ def command(
     import json
 
     try:
-        from anpyc.export.check import check_model
+        from anpyc.apps.check import check_model
     except ModuleNotFoundError as e:  # a missing part of this installation, not a user error: keep the traceback
-        if e.name != "anpyc.export.check":
+        if e.name != "anpyc.apps.check":
             raise
-        raise RuntimeError("anpyc check needs anpyc.export.check, which this installation lacks") from e
+        raise RuntimeError("anpyc check needs anpyc.apps.check, which this installation lacks") from e
     from anpyc.adapters.backbones import create_backbone, is_known
 
     from .._common import console

@@ -1,55 +1,18 @@
 """Start here: learn 5 tasks of real digits offline, export each to ONNX, predict PNGs with onnxruntime, plot.
 
-A small timm model (random init) learns 5 two-class tasks of scikit-learn's digits in about 2 minutes on 2 cores.
+The stages are the quickstart application's (:mod:`anpyc.apps.quickstart`); this command prints between them.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
-# The recipe, chosen by measurement on 2 CPU cores (see the README): scikit-learn's 8x8 digits upsampled to 32x32,
-# split into 5 two-class tasks ({0,1}, {2,3}, ...); a mobilenetv3 at half width from random initialisation.
-QUICKSTART_MODEL = "mobilenetv3_small_050"
-QUICKSTART_STREAM = "digits-split"
-QUICKSTART_IMG_SIZE = 32
-QUICKSTART_CONFIG: dict[str, Any] = {
-    "optim.epochs": 8,
-    "optim.batch_size": 32,
-    "prune.step": 0.2,
-    "prune.min_step": 0.05,
-    "prune.retrain_epochs": 2,
-    # val sets hold ~72 images per task: 0.05 allows 3 of them to flip, so noise alone does not veto every step
-    "prune.tolerance": 0.05,
-}
-IMAGES_PER_CLASS = 1
-# One torch thread: this model at 32x32 gains little from intra-op parallelism, and on a busy machine OpenMP threads
-# spin-waiting for each other made 2 threads several times slower than 1 (measured on a shared 2-core machine).
-QUICKSTART_THREADS = 1
-
-
-def _write_test_images(out: Path, stream) -> list[tuple[Path, int, str]]:
-    """A few digits from the test split (never trained on) as PNG files: ``(path, task id, true class name)``."""
-    from PIL import Image
-
-    from anpyc.adapters.data import digits_arrays
-    from anpyc.adapters.data.offline import digits_source
-
-    images, labels = digits_arrays()
-    rows = digits_source(0).splits["test"]
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task in stream:
-        for cls in task.classes:
-            picked = [int(r) for r in rows if str(int(labels[r])) == cls][:IMAGES_PER_CLASS]
-            for r in picked:
-                path = out / f"task{task.id}-digit{cls}-{r}.png"
-                Image.fromarray(images[r]).save(path)
-                written.append((path, task.id, cls))
-    return written
+from anpyc.apps.quickstart import (QUICKSTART_CONFIG, QUICKSTART_IMG_SIZE, QUICKSTART_MODEL, QUICKSTART_STREAM,
+                                   QUICKSTART_THREADS)
 
 
 def prediction_table(rows, folder: Path):
@@ -91,11 +54,7 @@ def command(
         raise fail(f"{out} already holds a quickstart run", "pass another --out, or delete the folder")
     t0 = time.time()
 
-    from anpyc.adapters.data import make_stream
-    from anpyc.config import method_config
-    from anpyc.export.exporter import export_all
-    from anpyc.export.runtime import load_export
-    from anpyc.learner import ContinualLearner
+    from anpyc.apps import quickstart as app
     from anpyc.quiet import LOG_NAME, library_output
 
     from .._common import console
@@ -105,21 +64,19 @@ def command(
     from ..sources import DataSource, write_source
 
     con = console()
-    overrides = {**QUICKSTART_CONFIG, "threads": threads}
     tracker = None
     if tensorboard is not None:  # a missing package fails here, before anything is written
         from anpyc.adapters.tracking import TensorBoardLogger
 
         tracker = TensorBoardLogger(tensorboard, retrain_epochs=QUICKSTART_CONFIG["prune.retrain_epochs"])
-    stream = make_stream(QUICKSTART_STREAM, img_size=QUICKSTART_IMG_SIZE)
+    stream = app.digits_stream()
     con.rule("[bold]anpyc quickstart")
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
               f"({', '.join('{' + ','.join(t.classes) + '}' for t in stream)}), one after another, each with its own "
               f"head and subnetwork. Offline, CPU.", highlight=False)
     log = out / "export" / LOG_NAME
     with library_output(log, verbose=verbose, title=f"anpyc quickstart: walk {model}"):
-        learner = ContinualLearner(model, input_spec=stream.input_spec, out_dir=run,
-                                   config=method_config("anpyc", **overrides))
+        learner = app.make_learner(run, model, stream, threads)
     write_source(run, DataSource("benchmark", QUICKSTART_STREAM, {"img_size": QUICKSTART_IMG_SIZE}))
     cfg = learner.config
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
@@ -129,8 +86,7 @@ def command(
         learner.callbacks.append(tracker)
         con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
     try:
-        with learner, bars:  # the run's lock is released on the way out; the export below only reads the learner
-            metrics = learner.fit(stream)
+        metrics = app.train(learner, stream, display=bars)
     finally:
         if tracker is not None:
             tracker.close()
@@ -143,20 +99,15 @@ def command(
     con.rule("[bold]export: one ONNX model per task")
     export_dir = out / "export"
     with library_output(log, verbose=verbose, title="anpyc quickstart: export"):
-        sidecars = export_all(learner, export_dir, threads=threads)
+        sidecars = app.export(learner, export_dir, threads)
     for s in sidecars:
         con.print(f"task {s['task']}: {export_dir / s['file']}  params {s['params']:,}, parity vs torch "
                   f"{s['parity']['max_abs_diff']:.1e}", highlight=False, soft_wrap=True)
 
     con.rule("[bold]predict PNG files with onnxruntime (no torch)")
-    images = _write_test_images(out / "images", stream)
-    models = load_export(export_dir, threads=threads)
-    rows, correct = [], 0
-    for path, task, cls in images:
-        best = models.predict(task, [str(path)])[0][0]
-        ok = best["label"] == cls
-        correct += ok
-        rows.append((path.name, task, cls, best["label"], best["score"], ok))
+    images = app.write_test_images(out / "images", stream)
+    rows = app.predict_images(export_dir, images, threads)
+    correct = sum(ok for *_, ok in rows)
     con.print(prediction_table(rows, out / "images"))
     con.print(f"{correct}/{len(images)} test digits classified correctly by the exported models", highlight=False)
 

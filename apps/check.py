@@ -266,7 +266,7 @@ def check_model(
             return fail("learn", _short(e))
 
         # -------------------------------------------------------- export (parity-checked inside)
-        from .exporter import export_all
+        from anpyc.export.exporter import export_all
 
         try:
             sidecars = export_all(learner, root / "export", threads=threads or 1)
