@@ -325,8 +325,9 @@ def main_families(args) -> int:
         results = {r["family"]: r for r in json.loads(args.results.read_text())}
     rerun = {n.strip() for n in (args.rerun or "").split(",") if n.strip()}
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.results.parent / ".families-tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=".families-", dir=args.results.parent))  # this run's own: runs may overlap
     lock = threading.Lock()
     order: list[str] = []
 
