@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_model", "find_input_size", "prunable_fraction", "CANDIDATE_SIZES", "STAGES"]
+__all__ = ["check_model", "find_input_size", "prunable_fraction", "unmasked_tensors", "CANDIDATE_SIZES", "STAGES",
+           "MIN_PRUNABLE"]
 
 # input sides tried in order when none is given: the smallest one the model runs on is used
 CANDIDATE_SIZES: tuple[int, ...] = (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 384, 448, 512)
-STAGES = ("create", "walk", "learn", "export")
+STAGES = ("create", "walk", "learn", "export", "prunable")
+# the share of the trunk's parameters that must lie in maskable groups for a check to pass
+MIN_PRUNABLE = 0.5
 
 
 def _spec(size: int, channels: int = 3):
@@ -77,23 +80,39 @@ def _default_size(name: str) -> int | None:
         return None
 
 
-def prunable_fraction(structure, param_names: set[str] | None = None) -> float:
-    """Share of the trunk's parameter elements (``param_names``; default every tensor the structure knows) that
-    belong to some unit of an accepted group."""
-    names = set(structure.tensor_shapes) if param_names is None else set(param_names)
-    total = sum(_numel(s) for n, s in structure.tensor_shapes.items() if n in names)
-    covered = 0
-    for name, dims in structure.tensor_units.items():
+def _covered(structure, names: set[str]) -> dict[str, tuple[int, int]]:
+    """Per trunk tensor in ``names``: ``(elements inside some unit of an accepted group, all elements)``."""
+    out: dict[str, tuple[int, int]] = {}
+    for name, shape in structure.tensor_shapes.items():
         if name not in names:
             continue
-        shape = structure.tensor_shapes[name]
+        dims = structure.tensor_units.get(name, {})
         mask = torch.zeros(shape, dtype=torch.bool)
         for dim, ids in dims.items():
             view = [1] * len(shape)
             view[dim] = shape[dim]
             mask |= (ids >= 0).view(view).expand(shape)
-        covered += int(mask.sum())
-    return covered / total if total else 0.0
+        out[name] = (int(mask.sum()), _numel(shape))
+    return out
+
+
+def prunable_fraction(structure, param_names: set[str] | None = None) -> float:
+    """Share of the trunk's parameter elements (``param_names``; default every tensor the structure knows) that
+    belong to some unit of an accepted group."""
+    names = set(structure.tensor_shapes) if param_names is None else set(param_names)
+    cov = _covered(structure, names)
+    total = sum(n for _, n in cov.values())
+    return sum(c for c, _ in cov.values()) / total if total else 0.0
+
+
+def unmasked_tensors(structure, param_names: set[str] | None = None, top: int = 5) -> list[dict[str, Any]]:
+    """The trunk tensors with the most parameter elements outside every accepted group, largest first:
+    ``[{"tensor", "params", "share"}]`` (``share`` of all the trunk's parameters)."""
+    names = set(structure.tensor_shapes) if param_names is None else set(param_names)
+    cov = _covered(structure, names)
+    total = sum(n for _, n in cov.values()) or 1
+    rest = sorted(((n - c, t) for t, (c, n) in cov.items() if n > c), reverse=True)[:top]
+    return [{"tensor": t, "params": int(k), "share": round(k / total, 4)} for k, t in rest]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -110,6 +129,23 @@ def _reason_kind(reason: str) -> str:
     head = re.sub(r"\b\d+\b", "", head)
     head = " ".join(head.split())
     return head or reason[:40]
+
+
+def _too_little(result: dict[str, Any]) -> str:
+    """Why a model that ran through every stage still fails: how much is maskable, what was rejected and why."""
+    share, need = result["prunable_fraction"], result["min_prunable"]
+    rej = result["rejected"]
+    text = (f"only {100 * share:.1f}% of the trunk's parameters are in maskable groups, below the required "
+            f"{100 * need:.0f}% (--min-prunable)")
+    if rej["count"]:
+        reasons = ", ".join(f"{v}x {k}" for k, v in list(rej["reasons"].items())[:3])
+        text += f"; {rej['count']} groups rejected ({reasons}; --explain lists each)"
+    elif not result["groups"]:
+        text += "; the walk traced no prunable group"
+    if result["unmasked"]:
+        text += "; largest unmasked tensors: " + ", ".join(
+            f"{u['tensor']} ({100 * u['share']:.0f}%)" for u in result["unmasked"][:3])
+    return text
 
 
 def _config(steps: int, batch: int, threads: int | None):
@@ -135,22 +171,30 @@ def check_model(
     out_dir: str | Path | None = None,
     threads: int | None = None,
     batch_size: int = 8,
+    min_prunable: float = MIN_PRUNABLE,
 ) -> dict[str, Any]:
     """Walk, learn ``num_tasks`` synthetic tasks (``steps`` training steps each, then one 50% prune step and a
     retrain epoch), export every task and return a report.
+
+    The check passes only when every stage succeeds *and* at least ``min_prunable`` of the trunk's parameters lie
+    in maskable groups: a model the walk cannot split into units would "pass" by exporting the dense network for
+    every task, which is not what a user of continual pruning asked for. Such a model fails at stage
+    ``"prunable"`` with the share found, the rejected groups' reasons and the largest unmasked tensors.
 
     Keys: ``model``, ``ok``, ``reason`` (empty when ok; else ``"<stage>: <message>"``, stages in :data:`STAGES`),
     ``stage``, ``img_size``, ``groups``, ``group_kinds``, ``rejected`` (``{"count", "reasons"}``), ``units``,
     ``prunable_fraction`` (share of trunk parameters inside accepted groups), ``params_per_task``, ``dense_params``,
     ``flops_per_task``, ``dense_flops``, ``parity`` (max abs diff per task, onnxruntime vs masked model),
-    ``exporter`` (per task), ``seconds``.
+    ``exporter`` (per task), ``seconds``, ``min_prunable``, ``rejected_groups`` (every rejected group except
+    single-unit ones: ``{"name", "reason", "tensor", "max_abs_diff"}``, the last two set when parity located the
+    tensor where masked and sliced outputs first part), ``unmasked`` (see :func:`unmasked_tensors`).
     """
     t0 = time.time()
     result: dict[str, Any] = {
         "model": name, "ok": False, "reason": "", "stage": "", "img_size": img_size, "groups": 0,
         "group_kinds": {}, "rejected": {"count": 0, "reasons": {}}, "units": 0, "prunable_fraction": 0.0,
         "params_per_task": [], "dense_params": None, "flops_per_task": [], "dense_flops": None, "parity": [],
-        "exporter": [], "seconds": 0.0,
+        "exporter": [], "seconds": 0.0, "min_prunable": float(min_prunable), "rejected_groups": [], "unmasked": [],
     }
 
     def fail(stage: str, message: str) -> dict[str, Any]:
@@ -200,11 +244,15 @@ def check_model(
         structure = learner.structure
         kinds = Counter(g.kind for g in structure.groups)
         rejected = [r for r in structure.rejected if r.reason != "a single unit"]
+        trunk_params = {n for n, _ in learner.trunk.named_parameters()}
         result.update(
             groups=len(structure.groups), group_kinds=dict(kinds), units=int(structure.num_units),
             rejected={"count": len(rejected), "single_unit": len(structure.rejected) - len(rejected),
                       "reasons": dict(Counter(_reason_kind(r.reason) for r in rejected).most_common())},
-            prunable_fraction=round(prunable_fraction(structure, {n for n, _ in learner.trunk.named_parameters()}), 4),
+            prunable_fraction=round(prunable_fraction(structure, trunk_params), 4),
+            rejected_groups=[{"name": r.name, "reason": r.reason, "tensor": getattr(r, "tensor", "") or "",
+                              "max_abs_diff": getattr(r, "max_abs_diff", None)} for r in rejected],
+            unmasked=unmasked_tensors(structure, trunk_params),
         )
 
         # -------------------------------------------------------- learn
@@ -226,6 +274,8 @@ def check_model(
             return fail("export", _short(e))
         result["parity"] = [float(s["parity"]["max_abs_diff"]) for s in sidecars]
         result["exporter"] = [str(s["exporter"]) for s in sidecars]
+        if not result["prunable_fraction"] >= min_prunable:
+            return fail("prunable", _too_little(result))
         result.update(ok=True, stage="done", reason="", seconds=round(time.time() - t0, 1))
         return result
     except Exception as e:  # anything unexpected is still a report, with where it came from

@@ -37,8 +37,9 @@ def test_models_lists_and_filters():
 def stand_in_checker(monkeypatch):
     calls = []
 
-    def check_model(name, img_size=None, num_tasks=2, steps=None, out_dir=None):
-        calls.append({"name": name, "img_size": img_size, "num_tasks": num_tasks, "steps": steps, "out_dir": out_dir})
+    def check_model(name, img_size=None, num_tasks=2, steps=None, out_dir=None, min_prunable=0.5):
+        calls.append({"name": name, "img_size": img_size, "num_tasks": num_tasks, "steps": steps, "out_dir": out_dir,
+                      "min_prunable": min_prunable})
         ok = name != "test_vit"
         return {"model": name, "ok": ok, "reason": "" if ok else "parity 3e-2 > 1e-4 on task 1", "groups": 11,
                 "rejected": 0 if ok else 2, "units": 672, "params_per_task": [5638, 10268],
@@ -55,7 +56,8 @@ def test_check_reports_ok_and_not_ok(stand_in_checker):
     assert r.exit_code == 0, r.output
     out = " ".join(r.stdout.split())
     assert "OK: test_resnet walks, masks and exports cleanly" in out and "params per task 5.64k, 10.3k" in out
-    assert stand_in_checker[-1] == {"name": "test_resnet", "img_size": 48, "num_tasks": 2, "steps": 3, "out_dir": None}
+    assert stand_in_checker[-1] == {"name": "test_resnet", "img_size": 48, "num_tasks": 2, "steps": 3, "out_dir": None,
+                                    "min_prunable": 0.5}
     r = invoke("check", "test_vit", "--json")
     assert r.exit_code == 1, r.output
     assert json.loads(r.stdout)["reason"] == "parity 3e-2 > 1e-4 on task 1"

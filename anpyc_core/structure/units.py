@@ -107,10 +107,14 @@ class UnitGroup:
 
 @dataclass(frozen=True)
 class Rejected:
-    """A traced group that is not prunable, and why (it stays whole in every task)."""
+    """A traced group that is not prunable, and why (it stays whole in every task). A group that failed parity
+    also says where: the first ``tensor`` at which masked and sliced outputs differed, and the ``max_abs_diff``
+    there (see :mod:`.explain`)."""
 
     name: str
     reason: str
+    tensor: str = ""
+    max_abs_diff: float | None = None
 
 
 @dataclass
@@ -180,8 +184,9 @@ class Structure:
             "rejected": [{"name": r.name, "reason": r.reason} for r in self.rejected],
         }
 
-    def without(self, reasons: dict[str, str]) -> "Structure":
-        """A copy with the groups named in ``reasons`` moved to ``rejected`` (with their reason)."""
+    def without(self, reasons: dict[str, str | Rejected]) -> "Structure":
+        """A copy with the groups named in ``reasons`` moved to ``rejected`` (a reason, or the whole record)."""
         keep = [g for g in self.groups if g.name not in reasons]
-        rej = list(self.rejected) + [Rejected(g.name, reasons[g.name]) for g in self.groups if g.name in reasons]
+        rej = list(self.rejected) + [r if isinstance(r := reasons[g.name], Rejected) else Rejected(g.name, r)
+                                     for g in self.groups if g.name in reasons]
         return Structure(keep, rej, self.tensor_shapes, self.num_features, self.model_name)

@@ -13,12 +13,14 @@ why.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..errors import ModelError
+from .explain import Break, locate_break
 from .layers import norm_kind
 from .slicing import kept_positions, slice_trunk
 from .trace import trace_groups
@@ -127,12 +129,13 @@ def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example
             h.remove()
 
 
-def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor, *, seed: int = 0, rounds: int = 2
-                  ) -> tuple[Structure, dict[str, str]]:
+def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor, *, seed: int = 0, rounds: int = 2,
+                  located: dict[str, Break] | None = None) -> tuple[Structure, dict[str, str]]:
     """Drop the groups of ``structure`` that break masked/sliced parity; returns the structure and the reasons.
 
     Each round draws one random subset of every group's units; failures are bisected with that same draw (the
-    other groups fully kept), so a failure is pinned on the groups that cause it, not on a luckier redraw.
+    other groups fully kept), so a failure is pinned on the groups that cause it, not on a luckier redraw. With
+    ``located``, every failing group's entry is set to where its parity broke (:func:`.explain.locate_break`).
     """
     gen = torch.Generator().manual_seed(seed)
     probe = copy.deepcopy(trunk).eval()
@@ -140,16 +143,25 @@ def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor,
     reasons: dict[str, str] = {}
     by_name = {g.name: g for g in structure.groups}
 
-    def check(names: list[str], draw: torch.Tensor) -> ParityReport:
+    def active_for(names: list[str], draw: torch.Tensor) -> torch.Tensor:
         active = torch.ones(structure.num_units, dtype=torch.bool)
         for n in names:
             g = by_name[n]
             active[g.offset: g.offset + g.size] = draw[g.offset: g.offset + g.size]
-        return parity(probe, structure, active, example)
+        return active
+
+    def check(names: list[str], draw: torch.Tensor) -> ParityReport:
+        return parity(probe, structure, active_for(names, draw), example)
+
+    def locate(names: list[str], draw: torch.Tensor) -> None:
+        if located is not None:
+            where = locate_break(probe, structure, active_for(names, draw), example)
+            located.update({n: where for n in names})
 
     def bisect(names: list[str], report: ParityReport, draw: torch.Tensor) -> list[str]:
         if len(names) == 1:
             reasons[names[0]] = report.error or f"masked vs sliced max abs diff {report.max_abs_diff:.3g}"
+            locate(names, draw)
             return names
         half = len(names) // 2
         bad: list[str] = []
@@ -161,6 +173,7 @@ def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor,
             why = report.error or f"max abs diff {report.max_abs_diff:.3g}"
             for n in names:
                 reasons[n] = f"fails only together with other groups ({why})"
+            locate(names, draw)
             return names
         return bad
 
@@ -290,6 +303,7 @@ def walk(
     dropped: dict[str, str] = {}
     synced: set[str] = set()
     first_failure: dict[str, str] = {}
+    located: dict[str, Break] = {}
     structure = None
     for attempt in range(12):
         structure = build_structure(trunk, raw, nf, name, head_modes=modes, stat_modules=stats,
@@ -298,7 +312,7 @@ def walk(
         structure = structure.without(dropped)
         if not verify:
             return structure
-        structure, bad = verify_groups(trunk, structure, example, seed=seed + attempt)
+        structure, bad = verify_groups(trunk, structure, example, seed=seed + attempt, located=located)
         if not bad:
             return _annotate(structure, head_failures)
         by_name = {g.name: g for g in structure.groups}
@@ -313,7 +327,10 @@ def walk(
                 first_failure[n] = why
             else:
                 first = first_failure.get(n, why)
-                dropped[n] = f"failed parity: {first}" + (f" (also with parent widths: {why})" if why != first else "")
+                where = located.get(n, Break("", float("nan")))
+                dropped[n] = Rejected(n, f"failed parity: {first}" + (f" (also with parent widths: {why})"
+                                                                       if why != first else ""),
+                                      where.tensor, where.max_abs_diff if where.tensor else None)
     return _annotate(structure.without({g.name: "failed parity" for g in structure.groups}), head_failures)
 
 
@@ -324,6 +341,7 @@ def _annotate(structure: Structure, head_failures: dict[str, str]) -> Structure:
     rejected = []
     for r in structure.rejected:
         a = next((m for m in head_failures if r.name.startswith(m + ".")), None)
-        rejected.append(Rejected(r.name, f"{r.reason}; as heads: {head_failures[a]}"[:400]) if a is not None else r)
+        rejected.append(dataclasses.replace(r, reason=f"{r.reason}; as heads: {head_failures[a]}"[:400])
+                        if a is not None else r)
     structure.rejected = rejected
     return structure

@@ -1,6 +1,9 @@
 """Check a backbone before a long run: does it walk into units, mask per task and export to ONNX with parity?
 
-Exit code 0 when it does, 1 when it does not (the reason is printed), 2 for a bad name or option.
+Exit code 0 when it does and at least ``--min-prunable`` of the trunk's parameters are in maskable groups, 1 when
+not (the reason is printed: the failing stage, or how much is maskable and why the rest was rejected; ``--explain``
+lists every rejected group with the tensor where parity broke), 2 for a bad name or option. What the exporter
+and other libraries print goes to ``export.log`` (``--verbose`` shows it).
 """
 
 from __future__ import annotations
@@ -45,8 +48,16 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, str]]:
     add("units", ("units",), f"{result.get('units'):,}" if isinstance(result.get("units"), int) else
         _fmt(result.get("units")))
     if "prunable_fraction" in result:
+        need = result.get("min_prunable")
         add("prunable", ("prunable_fraction",), f"{100 * float(result['prunable_fraction']):.0f}% of the trunk's "
-                                                "parameters are in maskable groups")
+            "parameters are in maskable groups" + (f" (required: {100 * float(need):.0f}%)" if need is not None
+                                                    else ""))
+    shown.update(("min_prunable", "rejected_groups", "log"))
+    unmasked = result.get("unmasked") or []
+    if unmasked and float(result.get("prunable_fraction", 1.0)) < 1.0:
+        add("largest unmasked", ("unmasked",), ", ".join(f"{u['tensor']} {100 * u['share']:.0f}%"
+                                                          for u in unmasked[:3]))
+    shown.add("unmasked")
     dense_p, dense_f = result.get("dense_params"), result.get("dense_flops")
     add("params per task", ("params_per_task",), ", ".join(fmt_count(v) for v in result.get("params_per_task") or [])
         + (f" (dense {fmt_count(dense_p)})" if dense_p else ""))
@@ -75,6 +86,12 @@ def command(
     out: Annotated[Optional[Path], typer.Option("--out", file_okay=False, help="Keep the run and the export here "
                                                 "\\[default: a temporary folder].")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="torch/onnxruntime threads.")] = None,
+    min_prunable: Annotated[float, typer.Option("--min-prunable", help="Share of the trunk's parameters that must "
+                                                "be in maskable groups for the check to pass (0..1).")] = 0.5,
+    explain: Annotated[bool, typer.Option("--explain", help="List every rejected group: the tensor where "
+                                          "masked and sliced outputs first differed, by how much, and why.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show what the exporter and other libraries "
+                                          "print (otherwise only in export.log).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     if img_size is not None and img_size < 1:
@@ -85,6 +102,9 @@ def command(
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
     if steps is not None and steps < 1:
         raise typer.BadParameter("steps must be >= 1", param_hint="--steps")
+    if not 0.0 <= min_prunable <= 1.0:
+        raise typer.BadParameter(f"min-prunable is a share between 0 and 1, not {min_prunable:g}",
+                                 param_hint="--min-prunable")
 
     import json
 
@@ -100,12 +120,22 @@ def command(
 
     if not is_known(model):
         create_backbone(model)  # raises ModelError naming close matches
-    kwargs: dict[str, Any] = {"img_size": img_size, "num_tasks": tasks, "out_dir": out}
+    from anpyc.quiet import LOG_NAME, library_output
+
+    kwargs: dict[str, Any] = {"img_size": img_size, "num_tasks": tasks, "out_dir": out, "min_prunable": min_prunable}
     if steps is not None:
         kwargs["steps"] = steps
     if threads is not None:
         kwargs["threads"] = threads
-    result = check_model(model, **kwargs)
+    if out is not None:
+        log = out / LOG_NAME
+    else:  # the check's files go with its temporary folder; its log stays for reading afterwards
+        import tempfile
+
+        log = Path(tempfile.mkdtemp(prefix="anpyc-check-")) / LOG_NAME
+    with library_output(log, verbose=verbose, title=f"anpyc check {model}"):
+        result = check_model(model, **kwargs)
+    result["log"] = str(log)
     if as_json:
         typer.echo(json.dumps(result, indent=2, default=str))
     else:
@@ -119,6 +149,14 @@ def command(
         for label, value in _rows(result):
             table.add_row(Text(label), Text(value))
         con.print(table)
+        if explain:
+            from anpyc.structure import explain_rejected
+
+            lines = explain_rejected(result.get("rejected_groups") or [])
+            con.print(Text(f"rejected groups ({len(lines)}):" if lines else "rejected groups: none", style="bold"))
+            for line in lines:
+                con.print(Text("  " + line), soft_wrap=True)
+        con.print(Text(f"library messages: {log}"), soft_wrap=True)
         if result.get("ok"):
             con.print(Text.assemble(("OK", "green"), f": {model} walks, masks and exports cleanly"))
         else:

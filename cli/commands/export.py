@@ -18,6 +18,8 @@ def command(
     opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset [default: the exporter's].")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 models (task-NNN.int8.onnx).")] = False,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime threads for the checks.")] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show what the exporter and other libraries "
+                                          "print (otherwise only in OUT/export.log).")] = False,
 ) -> None:
     if task is not None and all_tasks:
         raise typer.BadParameter("pass either --task N or --all, not both", param_hint="--task/--all")
@@ -28,10 +30,13 @@ def command(
 
     from anpyc.export.exporter import CalibrationSource, export_all
     from anpyc.learner import ContinualLearner
+    from anpyc.quiet import LOG_NAME, library_output
 
     learner = ContinualLearner.load(run)
     out_dir = out if out is not None else run / "export"
-    sidecars = export_all(learner, out_dir, tasks=None if task is None else [task], opset=opset, threads=threads)
+    log = out_dir / LOG_NAME
+    with library_output(log, verbose=verbose, title=f"anpyc export {run}"):
+        sidecars = export_all(learner, out_dir, tasks=None if task is None else [task], opset=opset, threads=threads)
     for s in sidecars:
         fallback = f" (fallback: {s['exporter_fallback_reason']})" if s["exporter_fallback_reason"] else ""
         typer.echo(f"task {s['task']} {s['name']!r}: {out_dir / s['file']}  exporter={s['exporter']}{fallback} "
@@ -55,12 +60,15 @@ def command(
             calib = None
             if isinstance(learner, CalibrationSource) and learner.has_data(t):
                 calib = learner.calibration_inputs(t, 64).detach().float().cpu().numpy()
-            entry = quantize_task(out_dir, t, calibration=calib, threads=threads)
-            if calib is not None:
-                r = compare_int8(out_dir, t, calib, threads=threads, record=True, note="calibration inputs")
+            with library_output(log, verbose=verbose, title=f"int8 task {t}"):
+                entry = quantize_task(out_dir, t, calibration=calib, threads=threads)
+                r = (compare_int8(out_dir, t, calib, threads=threads, record=True, note="calibration inputs")
+                     if calib is not None else None)
+            if r is not None:
                 typer.echo(f"task {t} int8 ({entry['mode']}): {out_dir / entry['file']}  "
                            f"top-1 agreement={r['top1_agreement']:.3f} speed-up={r['speedup']:.2f}x")
             else:
                 typer.echo(f"task {t} int8 ({entry['mode']}, no calibration data from the run: MatMul/Gemm only): "
                            f"{out_dir / entry['file']}")
     typer.echo(f"manifest: {out_dir / 'manifest.json'}")
+    typer.echo(f"library messages: {log}")

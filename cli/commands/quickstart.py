@@ -42,6 +42,8 @@ def command(
     tensorboard: Annotated[Optional[Path], typer.Option(
         "--tensorboard", file_okay=False, help="Also log to TensorBoard event files in this folder (pip install "
         "\"anpyc\\[tensorboard]\").")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show what the exporter and other libraries "
+                                          "print (otherwise only in OUT/export/export.log).")] = False,
 ) -> None:
     if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
@@ -53,6 +55,7 @@ def command(
     t0 = time.time()
 
     from anpyc.apps import quickstart as app
+    from anpyc.quiet import LOG_NAME, library_output
 
     from .._common import console
     from ..plots import write_plots
@@ -71,7 +74,9 @@ def command(
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
               f"({', '.join('{' + ','.join(t.classes) + '}' for t in stream)}), one after another, each with its own "
               f"head and subnetwork. Offline, CPU.", highlight=False)
-    learner = app.make_learner(run, model, stream, threads)
+    log = out / "export" / LOG_NAME
+    with library_output(log, verbose=verbose, title=f"anpyc quickstart: walk {model}"):
+        learner = app.make_learner(run, model, stream, threads)
     write_source(run, DataSource("benchmark", QUICKSTART_STREAM, {"img_size": QUICKSTART_IMG_SIZE}))
     cfg = learner.config
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
@@ -93,7 +98,8 @@ def command(
 
     con.rule("[bold]export: one ONNX model per task")
     export_dir = out / "export"
-    sidecars = app.export(learner, export_dir, threads)
+    with library_output(log, verbose=verbose, title="anpyc quickstart: export"):
+        sidecars = app.export(learner, export_dir, threads)
     for s in sidecars:
         con.print(f"task {s['task']}: {export_dir / s['file']}  params {s['params']:,}, parity vs torch "
                   f"{s['parity']['max_abs_diff']:.1e}", highlight=False, soft_wrap=True)
