@@ -145,7 +145,10 @@ def test_growth_ablation_and_folder_quick(tmp_path):
     assert growth.main(["--quick", "--results", str(tmp_path / "g"), "--no-write"]) == 0
     rows = json.loads((tmp_path / "g" / "growth_quick.json").read_text())["rows"]
     assert list(rows) == list(growth.ROWS)
-    assert rows["anpyc-fixed"]["num_units"] == 16 < rows["anpyc"]["num_units"]  # 8-8 stays, the default grew
+    assert rows["anpyc-fixed"]["num_units"] == 16 <= rows["anpyc"]["num_units"]  # 8-8 stays; growth never shrinks
+    n = rows["anpyc"]["num_units"]
+    assert growth.widths(rows["anpyc"], [8, 8]) == f"{n // 2}-{n // 2}"
+    assert growth.widths(rows["packnet"], [8, 8]) == "8-8"
     assert all(r["bwt"] == 0.0 and len(r["accuracy_matrix"]) == 3 for r in rows.values())
     assert growth.acc_at(rows["anpyc"]["accuracy_matrix"], 3) == pytest.approx(rows["anpyc"]["acc"])
     ablation = _load("ablation")
