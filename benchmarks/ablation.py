@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                                              backbone_kwargs=bkw),
                               device=args.device, threads=args.threads, cache=args.cache) for s in seeds]
             for name in names}
-    command = _bench.command_line("ablation.py", ["--seeds", args.seeds] + (["--quick"] if args.quick else []))
+    command = _bench.command_line("ablation.py", ["--seeds", args.seeds] + (["--quick"] if args.quick else [])
+                                  + (["--methods", ",".join(names)] if args.methods else []))
     results = args.results or _bench.ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"ablation{'_quick' if args.quick else ''}.json").write_text(

@@ -91,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     results = (args.results or _bench.ROOT / "benchmarks" / "results")
     results.mkdir(parents=True, exist_ok=True)
     argv_used = ["--tasks", str(num_tasks), "--seeds", str(seed)] + (["--quick"] if args.quick else [])
+    if args.methods:
+        argv_used += ["--methods", ",".join(names)]
     command = _bench.command_line("growth.py", argv_used)
     doc = {"command": command, "machine": _bench.machine(), "commit": _bench.git_commit(), "rows": rows}
     (results / f"growth{'_quick' if args.quick else ''}.json").write_text(json.dumps(doc, indent=1))
