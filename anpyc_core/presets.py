@@ -103,40 +103,28 @@ BACKBONE_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 # a weak penalty wins on validation: stronger ones stop later tasks from learning (intransigence).
 
 
+def _quadratic(method: str, measure: str, strength: float, optim: OptimConfig | None = None) -> LearnerConfig:
+    """A quadratic-penalty baseline: ``measure`` importance, no pruning, no growth."""
+    return LearnerConfig(method=method, grow=NO_GROWTH, optim=optim or OptimConfig(),
+                         importance=ImportanceConfig(measure=measure), prune=PruneConfig(mode="none"),
+                         consolidation=ConsolidationConfig(rule="quadratic", strength=strength))
+
+
 # EWC: Adam (lr 1e-3, strength 0.01) beat SGD with momentum (best strength 0.003) on validation: 91.5 vs 90.8.
 @METHODS.register("ewc", help="Elastic Weight Consolidation: Fisher importance, quadratic penalty, no pruning")
 def _ewc() -> LearnerConfig:
-    return LearnerConfig(
-        method="ewc",
-        grow=NO_GROWTH,
-        optim=OptimConfig(name="adam", lr=0.001),
-        importance=ImportanceConfig(measure="fisher"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.01),
-    )
+    return _quadratic("ewc", "fisher", 0.01, OptimConfig(name="adam", lr=0.001))
 
 
 @METHODS.register("mas", help="Memory Aware Synapses: output-sensitivity importance, quadratic penalty")
 def _mas() -> LearnerConfig:
-    return LearnerConfig(
-        method="mas",
-        grow=NO_GROWTH,
-        importance=ImportanceConfig(measure="mas"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
-    )
+    return _quadratic("mas", "mas", 0.001)
 
 
 @METHODS.register("si", help="Synaptic Intelligence: path-integral importance, quadratic penalty")
 def _si() -> LearnerConfig:
     # SGD with momentum (strength 0.001) beat Adam (lr 1e-3, best strength 0.01) on validation: 91.9 vs 90.5
-    return LearnerConfig(
-        method="si",
-        grow=NO_GROWTH,
-        importance=ImportanceConfig(measure="si"),
-        prune=PruneConfig(mode="none"),
-        consolidation=ConsolidationConfig(rule="quadratic", strength=0.001),
-    )
+    return _quadratic("si", "si", 0.001)
 
 
 @METHODS.register("packnet", help="PackNet: magnitude pruning to a fixed ratio, hard freeze of earlier tasks")
