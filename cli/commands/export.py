@@ -19,7 +19,7 @@ def command(
     int8: Annotated[bool, typer.Option("--int8", help="Also write int8 models (task-NNN.int8.onnx).")] = False,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime threads for the checks.")] = 1,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show what the exporter and other libraries "
-                                          "print (otherwise only in OUT/export.log).")] = False,
+                                          "print (otherwise only in RUN/export.log).")] = False,
 ) -> None:
     if task is not None and all_tasks:
         raise typer.BadParameter("pass either --task N or --all, not both", param_hint="--task/--all")
@@ -34,7 +34,7 @@ def command(
 
     learner = ContinualLearner.load(run)
     out_dir = out if out is not None else run / "export"
-    log = out_dir / LOG_NAME
+    log = run / LOG_NAME  # the run's log: the export folder holds only what is deployed
     with library_output(log, verbose=verbose, title=f"anpyc export {run}"):
         sidecars = export_all(learner, out_dir, tasks=None if task is None else [task], opset=opset, threads=threads)
     for s in sidecars:
