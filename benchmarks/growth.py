@@ -67,6 +67,22 @@ def table(rows: dict[str, dict], num_tasks: int, hidden: list[int]) -> str:
     return "\n".join(lines)
 
 
+def verdicts(rows: dict[str, dict], num_tasks: int) -> str:
+    """The growth issue's targets, computed from the rows: with growth ACC@100 >= ACC@10 - 2 pts; at 30 tasks the
+    default at least as accurate as PackNet."""
+    out = []
+    for name in (n for n in rows if n.startswith("anpyc") and n != "anpyc-fixed"):
+        first, last = acc_at(rows[name]["accuracy_matrix"], 10), acc_at(rows[name]["accuracy_matrix"], num_tasks)
+        if first is not None and last is not None and num_tasks > 10:
+            d = 100 * (last - first)
+            verdict = "met" if d >= -2 else "missed"
+            out.append(f"{name}: ACC@{num_tasks} − ACC@10 = {d:+.1f} pts (target ≥ −2: {verdict})")
+    if "anpyc" in rows and "packnet" in rows and num_tasks >= 30:
+        d = 100 * (acc_at(rows["anpyc"]["accuracy_matrix"], 30) - acc_at(rows["packnet"]["accuracy_matrix"], 30))
+        out.append(f"anpyc − PackNet at 30 tasks = {d:+.1f} pts (target ≥ 0: {'met' if d >= 0 else 'missed'})")
+    return ("Targets: " + "; ".join(out) + ".") if out else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _bench.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_seeds="0")
     parser.add_argument("--tasks", type=int, default=100, help="stream length (default %(default)s)")
@@ -98,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / f"growth{'_quick' if args.quick else ''}.json").write_text(json.dumps(doc, indent=1))
     body = "\n".join([f"Permuted MNIST-5k, {num_tasks} tasks, MLP 784-{hidden[0]}-{hidden[1]}, 5 epochs per task, "
                       f"seed {seed}, {args.threads} thread(s); {_bench.machine()}.", "", "```", command, "```", "",
-                      table(rows, num_tasks, hidden)])
+                      table(rows, num_tasks, hidden), "", verdicts(rows, num_tasks)])
     print(body)
     print(f"done in {time.time() - t0:.0f}s")
     if not args.no_write and not args.quick:
