@@ -46,15 +46,17 @@ def write_tree(root: Path, per_class: int) -> Path:
 
 def phases(run: Path) -> list[dict]:
     """Per task: seconds from its start to the end of its train phase, and from there to its end."""
-    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines() if line.strip()]
+    from anpyc.events import Eval, TaskEnd, TaskStart
+    from anpyc.fileio import read_jsonl
+
     out, cur = [], None
-    for e in events:
-        kind = e.get("event") or e.get("kind") or e.get("type")
-        if kind == "task_start":
+    for e in read_jsonl(run / "events.jsonl"):
+        kind = e["event"]
+        if kind == TaskStart.kind:
             cur = {"task": e["task"], "start": e["time"], "train_end": None}
-        elif cur is not None and kind == "eval" and e.get("phase") == "train_end":
+        elif cur is not None and kind == Eval.kind and e.get("phase") == "train_end":
             cur["train_end"] = e["time"]
-        elif cur is not None and kind == "task_end":
+        elif cur is not None and kind == TaskEnd.kind:
             end = e["time"]
             mid = cur["train_end"] or end
             out.append({"task": cur["task"], "train_s": mid - cur["start"], "prune_s": end - mid})
