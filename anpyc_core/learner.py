@@ -275,6 +275,8 @@ class ContinualLearner:
 
     def _begin_task(self, task: Task, final: bool) -> None:
         k = len(self.tasks)
+        # a task trains with an optimizer of its own (its head; growth replaces parameters), never the last task's
+        self._optimizer, self._optim_state = None, None
         self.tasks.append({"id": task.id, "name": task.name, "classes": list(task.classes), "index": k,
                            "final": final, "done": False})
         self.space.make_room(k)
@@ -326,6 +328,8 @@ class ContinualLearner:
     def _prune_phase(self, task: Task, k: int) -> None:
         state = self._strategy(task)(LearnerHost(self, task, k), self.config.prune, self.cursor.get("prune") or {},
                                      task_index=k, a0=self.cursor["a0"])
+        # the gradual strategy trained in the prune phase: its optimizer (and one a resume restored) ends here
+        self._optimizer, self._optim_state = None, None
         self.cursor.update(phase="consolidate", prune=state)
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:

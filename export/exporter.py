@@ -32,6 +32,7 @@ __all__ = [
     "CalibrationSource",
     "export_task",
     "export_all",
+    "tasks_to_export",
     "task_stem",
     "SIDECAR_FORMAT",
     "SIDECAR_VERSION",
@@ -254,6 +255,18 @@ def export_task(source: ExportSource, task: int, out_dir: str | os.PathLike, *, 
     return sidecar
 
 
+def tasks_to_export(source: ExportSource, tasks: Iterable[int] | None = None) -> list[int]:
+    """The task ids :func:`export_all` would export (every learned task, or ``tasks``); raises
+    :class:`UnknownTaskError` for an id the run has not learned, or a run with no task. Callers check with it before
+    they open anything (the CLI, before its log), so a bad id changes no file."""
+    ids = list(source.task_ids()) if tasks is None else [int(t) for t in tasks]
+    for t in ids:
+        _check_task(source, t)
+    if not ids:
+        raise UnknownTaskError("the run has no learned task to export", "train at least one task first")
+    return ids
+
+
 def export_all(source: ExportSource, out_dir: str | os.PathLike, tasks: Iterable[int] | None = None, *,
                opset: int | None = None, parity_atol: float = 1e-4, threads: int | None = None) -> list[dict[str, Any]]:
     """Export every learned task (or ``tasks``) in one call; the manifest is written once, after the last task.
@@ -262,11 +275,7 @@ def export_all(source: ExportSource, out_dir: str | os.PathLike, tasks: Iterable
     the manifest is not updated, and the error says which task failed.
     """
     out = Path(out_dir)
-    ids = list(source.task_ids()) if tasks is None else [int(t) for t in tasks]
-    for t in ids:
-        _check_task(source, t)
-    if not ids:
-        raise UnknownTaskError("the run has no learned task to export", "train at least one task first")
+    ids = tasks_to_export(source, tasks)
     threads = threads or _default_threads()
     sidecars = []
     for t in ids:

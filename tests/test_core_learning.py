@@ -195,3 +195,34 @@ def test_paper_mode_is_the_original_net_evaluated_without_task_masks():
 def test_inference_choice_is_validated():
     with pytest.raises(ConfigError, match="inference.*shared"):
         method_config("anpyc", inference="all")
+
+
+@pytest.mark.parametrize("grow", [False, True])
+def test_every_task_trains_its_own_head_from_its_first_epoch(grow):
+    """The default (gradual) trains its ramp epochs in the prune phase; the optimizer of those epochs must not reach
+    the next task, whose first epochs would then train the last task's head (and, after a growth, parameters the
+    trunk no longer holds) instead of its own."""
+    from anpyc.adapters.data import synthetic_stream
+    from anpyc.events import Epoch
+    from anpyc.learner import Callback
+
+    stream = synthetic_stream(num_tasks=3, samples_per_class=16, vector=True, dim=24, seed=3)
+    seen: list[tuple[int, int, bool, bool]] = []
+
+    class Probe(Callback):
+        def on_event(self, event):
+            if isinstance(event, Epoch) and event.phase == "train":
+                opt = {id(p) for g in learner._optimizer.param_groups for p in g["params"]}
+                k = learner._index(event.task)
+                head = all(id(p) in opt for p in learner.model.heads[str(k)].parameters())
+                trunk = all(id(p) in opt for p in learner._params().values())
+                seen.append((event.task, event.epoch, head, trunk))
+
+    cfg = method_config("anpyc", **{"optim.epochs": 4, "optim.batch_size": 8, "importance.max_batches": 2,
+                                    "grow.enabled": grow, "grow.min_free": 0.75, "threads": 1})
+    learner = anpyc.ContinualLearner("mlp", input_spec=stream.input_spec, config=cfg, model_kwargs={"hidden": [16]},
+                                     callbacks=[Probe()])
+    learner.fit(stream)
+    assert cfg.prune.mode == "gradual" and [s[:2] for s in seen] == [(t, e) for t in range(3) for e in range(4)]
+    assert all(head and trunk for *_, head, trunk in seen), seen
+    assert bool(learner.growth) == grow

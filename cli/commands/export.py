@@ -28,11 +28,12 @@ def command(
     if threads < 1:
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
 
-    from anpyc.export.exporter import CalibrationSource, export_all
+    from anpyc.export.exporter import CalibrationSource, export_all, tasks_to_export
     from anpyc.learner import ContinualLearner
     from anpyc.quiet import LOG_NAME, library_output
 
     learner = ContinualLearner.load(run)
+    tasks_to_export(learner, None if task is None else [task])  # a bad id fails here, before the log is touched
     out_dir = out if out is not None else run / "export"
     log = run / LOG_NAME  # the run's log: the export folder holds only what is deployed
     with library_output(log, verbose=verbose, title=f"anpyc export {run}"):
