@@ -29,7 +29,7 @@ from .dist import context
 from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged
 from .fileio import atomic_write_json, finite, read_json
 from .growth import apply_growth
-from .masks import load_masks, save_masks
+from .maskfile import load_masks, save_masks
 from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
 from .task import InputSpec
 from .tensorio import load_tensors, save_tensors

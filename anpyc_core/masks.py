@@ -7,21 +7,21 @@ Two spaces share this interface:
 * :class:`UnitSpace` — structured units (channels, neurons, heads) from the structure walk;
 * :class:`ElementSpace` — unstructured: every element of every weight matrix is a unit (the paper mode).
 
-Masks are saved as safetensors (``masks.safetensors``) with a versioned schema in the metadata.
+Masks are saved as safetensors (``masks.safetensors``) with a versioned schema in the metadata: the file format is
+:mod:`anpyc.maskfile` (its functions are re-exported here).
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from .errors import StateFileError
-from .tensorio import load_tensors, save_tensors
+from .maskfile import MASKS_FORMAT, MASKS_READS, MASKS_VERSION, load_masks, save_masks, schema_tasks
 from .masked import along
 from .registry import Registry
 from .structure import Structure, kept_positions, slice_trunk, walk
@@ -31,12 +31,6 @@ __all__ = ["FREE", "MASK_SPACES", "MaskSpace", "UnitSpace", "ElementSpace", "sav
 
 FREE = 255  # the free marker of uint8 owners; a space's own marker is ``space.free`` (the largest owner value)
 WIDE = torch.int16  # owners of runs past 254 tasks (free = 32767)
-MASKS_FORMAT = "anpyc.masks"
-MASKS_VERSION = 3
-# version 1 listed the task indices (``"tasks": [0, 1, ...]``, ~4 bytes a task); version 2 stores their count
-# (``"num_tasks"``): indices are always 0..num_tasks-1; version 3 records the owner dtype (``"dtype"``: uint8, or
-# int16 once a run passes 254 tasks) with its free marker. All are read.
-MASKS_READS = (1, 2, 3)
 _DTYPES = {"uint8": torch.uint8, "int16": torch.int16}
 
 
@@ -438,43 +432,3 @@ class ElementSpace(MaskSpace):
 MASK_SPACES: Registry = Registry("mask granularity")
 MASK_SPACES.register("unit", UnitSpace, help="structured units from the structure walk (physically removable)")
 MASK_SPACES.register("element", ElementSpace, help="one owner per weight element (unstructured)")
-
-
-# ================================================================================================ files
-
-def save_masks(path: str | Path, space: MaskSpace, *, tasks: list[int], extra: dict | None = None) -> str:
-    """Write ``masks.safetensors``: the owner tensor plus the schema (granularity, layout, task count) as metadata.
-
-    ``tasks`` are the indices of the tasks learned so far, which are always ``0..len(tasks)-1``.
-    """
-    tasks = list(tasks)
-    if tasks != list(range(len(tasks))):
-        raise ValueError(f"task indices must be 0..{len(tasks) - 1} in order, got {tasks}")
-    schema = dict(space.schema())
-    schema["num_tasks"] = len(tasks)
-    if extra:
-        schema.update(extra)
-    return save_tensors(path, space.tensors(), fmt=MASKS_FORMAT, version=MASKS_VERSION, schema=schema)
-
-
-def load_masks(path: str | Path, space: MaskSpace | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a mask file; with ``space``, check it matches and load the owners into it.
-
-    Returns the tensors and the schema.
-    """
-    tensors, meta = load_tensors(path, fmt=MASKS_FORMAT, versions=MASKS_READS)
-    schema = meta.get("schema") or {}
-    if space is not None:
-        if schema.get("granularity") != space.granularity or schema.get("fingerprint") != space.layout_key():
-            raise StateFileError(f"mask file {path} was made for another backbone or unit layout "
-                                 f"({schema.get('granularity')}, {schema.get('fingerprint')})",
-                                 "use the mask file of this run, or re-train with this backbone")
-        space.load_owners(tensors)
-    return tensors, schema
-
-
-def schema_tasks(schema: dict) -> list[int]:
-    """Task indices recorded in a mask file's schema, whichever version wrote it."""
-    if "num_tasks" in schema:
-        return list(range(int(schema["num_tasks"])))
-    return [int(t) for t in schema.get("tasks") or []]

@@ -14,7 +14,6 @@ directory. Images are preprocessed exactly like timm's eval transform
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -23,30 +22,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from anpyc.errors import DataError
 from anpyc.fileio import read_json, sha256_file
 from anpyc.task import InputSpec
 
-from .errors import ExportDirError, ImageReadError, InputShapeError, UnknownTaskError
+from .errors import ExportDirError, InputShapeError, UnknownTaskError
 from .formats import MANIFEST_FORMAT, READ_VERSIONS, SIDECAR_FORMAT
+from .preprocess import check_spec, open_image, preprocess_image
 
 __all__ = ["ExportedModels", "load_export", "make_session", "preprocess_image", "softmax", "normalized_entropy",
            "ROUTING_CRITERION"]
 
 _CHUNK = 64  # samples per onnxruntime call, bounds memory on big batches
 
-# timm's interpolation names -> PIL filters (timm.data.transforms._str_to_pil_interpolation).
-_PIL_FILTERS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-_UINT8_MODES = {"L": 1, "RGB": 3, "RGBA": 4, "CMYK": 4, "YCbCr": 3, "LAB": 3, "HSV": 3}
 
 
 def make_session(path: str | os.PathLike, *, threads: int = 1):
@@ -76,100 +66,6 @@ def _inside(root: Path, name: Any, what: str) -> Path:
         raise ExportDirError(f"{what} points outside the export directory ({name!r})",
                              "only load exports you trust; re-export the run with anpyc export")
     return path
-
-
-# --------------------------------------------------------------------------- preprocessing (timm eval transform)
-
-
-def _check_spec(spec: InputSpec, where: str) -> None:
-    if spec.kind not in ("image", "vector"):
-        raise ExportDirError(f"{where}: unknown input kind {spec.kind!r}", "re-export with this anpyc version")
-    if spec.kind == "image":
-        if len(spec.shape) != 3:
-            raise ExportDirError(f"{where}: image input shape {list(spec.shape)} is not [C, H, W]", "re-export")
-        if spec.color_mode not in _UINT8_MODES or _UINT8_MODES[spec.color_mode] != spec.shape[0]:
-            raise ExportDirError(f"{where}: color_mode {spec.color_mode!r} does not give {spec.shape[0]} channels",
-                                 f"use one of {sorted(_UINT8_MODES)} matching the channel count")
-        if spec.interpolation not in _PIL_FILTERS:
-            raise ExportDirError(f"{where}: interpolation {spec.interpolation!r} is unknown",
-                                 f"use one of {sorted(_PIL_FILTERS)}")
-        if len(spec.mean) != spec.shape[0] or len(spec.std) != spec.shape[0]:
-            raise ExportDirError(f"{where}: mean/std have {len(spec.mean)}/{len(spec.std)} values for "
-                                 f"{spec.shape[0]} channels", "re-export with a consistent input spec")
-
-
-def _resize_shorter(img: Image.Image, size: int, resample: int) -> Image.Image:
-    # torchvision.transforms.functional.resize(img, size:int) on a PIL image.
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = size, int(size * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    if (new_h, new_w) == (h, w):
-        return img
-    return img.resize((new_w, new_h), resample)
-
-
-def _resize_keep_ratio(img: Image.Image, target: tuple[int, int], resample: int) -> Image.Image:
-    # timm.data.transforms.ResizeKeepRatio(size, longest=0) for non-square targets.
-    w, h = img.size
-    ratio = min(h / target[0], w / target[1])
-    new_h, new_w = round(h / ratio), round(w / ratio)
-    if (new_h, new_w) == (h, w):
-        return img
-    return img.resize((new_w, new_h), resample)
-
-
-def _center_crop(img: Image.Image, out_h: int, out_w: int) -> Image.Image:
-    # torchvision.transforms.functional.center_crop (pads with 0 when the image is smaller).
-    w, h = img.size
-    if out_w > w or out_h > h:
-        left, top = max(0, (out_w - w) // 2), max(0, (out_h - h) // 2)
-        padded = Image.new(img.mode, (max(w, out_w), max(h, out_h)), 0)
-        padded.paste(img, (left, top))
-        img = padded
-        w, h = img.size
-    top = int(round((h - out_h) / 2.0))
-    left = int(round((w - out_w) / 2.0))
-    return img.crop((left, top, left + out_w, top + out_h))
-
-
-def preprocess_image(img: Image.Image, spec: InputSpec) -> np.ndarray:
-    """One PIL image -> float32 ``[C, H, W]``, exactly as timm's eval transform with ``spec``'s settings."""
-    img = img.convert(spec.color_mode)
-    _, out_h, out_w = spec.shape
-    resample = _PIL_FILTERS[spec.interpolation]
-    crop_pct = spec.crop_pct or 0.875  # timm: crop_pct or DEFAULT_CROP_PCT
-    scale_h, scale_w = math.floor(out_h / crop_pct), math.floor(out_w / crop_pct)
-    if scale_h == scale_w:
-        img = _resize_shorter(img, scale_h, resample)
-    else:
-        img = _resize_keep_ratio(img, (scale_h, scale_w), resample)
-    img = _center_crop(img, out_h, out_w)
-    arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    x = arr.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
-    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return (x - mean) / std
-
-
-def _open_image(item: Any, label: str) -> Image.Image:
-    try:
-        if isinstance(item, Image.Image):
-            item.load()
-            return item
-        src = io.BytesIO(item) if isinstance(item, (bytes, bytearray, memoryview)) else item
-        img = Image.open(src)
-        img.load()
-        return img
-    except FileNotFoundError:
-        raise ImageReadError(f"image {label} does not exist", "check the path") from None
-    except Image.DecompressionBombError:
-        raise ImageReadError(f"image {label} is too large to decode safely", "downscale it first") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f"image {label} cannot be read ({type(e).__name__})",
-                             "pass a PNG/JPEG/... file that PIL can open") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -298,7 +194,7 @@ class ExportedModels:
                 if spec.kind != "image":
                     raise InputShapeError(f"task {t} takes vectors of shape {list(spec.shape)}, not images",
                                           "pass float arrays")
-                rows.append(preprocess_image(_open_image(item, label), spec))
+                rows.append(preprocess_image(open_image(item, label), spec))
             else:
                 raise InputShapeError(f"input {label} is a {type(item).__name__}",
                                       "pass image paths, PIL images or numpy float arrays")
@@ -411,7 +307,7 @@ def _load_sidecar(root: Path, entry: Any) -> dict[str, Any]:
         spec = InputSpec.from_dict(s["input_spec"])
     except (KeyError, TypeError, ValueError):
         raise ExportDirError(f"{path} has an unreadable input_spec", "re-export the run with anpyc export") from None
-    _check_spec(spec, str(path))
+    check_spec(spec, str(path))
     files = [(s["file"], s["onnx_sha256"])]
     q = s.get("int8")
     if q is not None:

@@ -54,7 +54,8 @@ def command(
     from rich.text import Text
 
     from anpyc.io import load_tensors, read_json
-    from anpyc.masks import FREE, MASKS_FORMAT, MASKS_READS, schema_tasks
+    from anpyc.maskfile import MASKS_FORMAT, MASKS_READS, schema_tasks
+    from anpyc.masks import FREE
     from anpyc.rundir import RunDir
 
     from .._common import console
