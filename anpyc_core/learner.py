@@ -385,8 +385,9 @@ class ContinualLearner(TaskOps):
     def _log(self, event: Event) -> None:
         if isinstance(event, Epoch) and event.seconds is None and self._last_epoch is not None:
             res, self._last_epoch = self._last_epoch, None  # the epoch just run: how long it waited for batches
-            event = dataclasses.replace(event, seconds=round(res.seconds, 4), data_wait=round(res.data_wait, 4),
-                                        data_wait_share=round(res.data_wait / res.seconds, 4) if res.seconds else 0.0)
+            seconds, wait = round(res.seconds, 4), round(res.data_wait, 4)  # the share agrees with what is logged
+            event = dataclasses.replace(event, seconds=seconds, data_wait=wait,
+                                        data_wait_share=round(wait / seconds, 4) if seconds else 0.0)
         event = dataclasses.replace(event, time=round(time.time(), 3))
         if self.run is not None:
             append_jsonl(self.run.path / "events.jsonl", event.to_dict())

@@ -109,12 +109,29 @@ def main(argv: list[str] | None = None) -> int:
     argv_used = ["--tasks", str(num_tasks), "--seeds", str(seed)] + (["--quick"] if args.quick else [])
     if args.methods:
         argv_used += ["--methods", ",".join(names)]
+    commit = _bench.git_commit()
+    row_commits = {name: commit for name in rows}
+    path = results / f"growth{'_quick' if args.quick else ''}.json"
+    old = json.loads(path.read_text()) if path.exists() else None
+    same_stream = old is not None and old.get("num_tasks", num_tasks if f"--tasks {num_tasks} " in old["command"]
+                                              else None) == num_tasks
+    if args.methods and same_stream and old["rows"] and all(r["spec"]["seed"] == seed for r in old["rows"].values()):
+        # a partial run keeps the other rows of the same stream, and says which run measured them
+        row_commits = {**{n: old.get("row_commits", {}).get(n, old["commit"]) for n in old["rows"]}, **row_commits}
+        rows = {n: rows.get(n, old["rows"].get(n)) for n in [*ROWS] if n in rows or n in old["rows"]}
+        argv_used = argv_used[: argv_used.index("--methods")] if "--methods" in argv_used else argv_used
+        argv_used += ["--methods", ",".join(rows)]
     command = _bench.command_line("growth.py", argv_used)
-    doc = {"command": command, "machine": _bench.machine(), "commit": _bench.git_commit(), "rows": rows}
-    (results / f"growth{'_quick' if args.quick else ''}.json").write_text(json.dumps(doc, indent=1))
+    doc = {"command": command, "machine": _bench.machine(), "commit": commit, "num_tasks": num_tasks, "rows": rows,
+           "row_commits": row_commits}
+    path.write_text(json.dumps(doc, indent=1))
+    older = {n: c for n, c in row_commits.items() if c != commit}
+    kept = (f"Re-run at commit {commit}: {', '.join(n for n in rows if n not in older)}; kept from an earlier run: "
+            + ", ".join(f"{n} (commit {c})" for n, c in older.items())
+            + ". Wall times compare only within one run (shared machine).") if older else ""
     body = "\n".join([f"Permuted MNIST-5k, {num_tasks} tasks, MLP 784-{hidden[0]}-{hidden[1]}, 5 epochs per task, "
                       f"seed {seed}, {args.threads} thread(s); {_bench.machine()}.", "", "```", command, "```", "",
-                      table(rows, num_tasks, hidden), "", verdicts(rows, num_tasks)])
+                      table(rows, num_tasks, hidden), "", verdicts(rows, num_tasks)] + (["", kept] if kept else []))
     print(body)
     print(f"done in {time.time() - t0:.0f}s")
     if not args.no_write and not args.quick:

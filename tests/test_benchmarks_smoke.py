@@ -151,6 +151,15 @@ def test_growth_ablation_and_folder_quick(tmp_path):
     assert growth.widths(rows["packnet"], [8, 8]) == "8-8"
     assert all(r["bwt"] == 0.0 and len(r["accuracy_matrix"]) == 3 for r in rows.values())
     assert growth.acc_at(rows["anpyc"]["accuracy_matrix"], 3) == pytest.approx(rows["anpyc"]["acc"])
+    # a partial run re-runs its rows and keeps the others, saying which run measured each
+    doc = json.loads((tmp_path / "g" / "growth_quick.json").read_text())
+    doc["row_commits"] = {**doc["row_commits"], "packnet": "0ld0ld0"}
+    (tmp_path / "g" / "growth_quick.json").write_text(json.dumps(doc))
+    assert growth.main(["--quick", "--methods", "anpyc-fixed", "--results", str(tmp_path / "g"), "--no-write"]) == 0
+    again = json.loads((tmp_path / "g" / "growth_quick.json").read_text())
+    assert list(again["rows"]) == list(growth.ROWS) and again["rows"]["packnet"] == rows["packnet"]
+    assert again["row_commits"]["packnet"] == "0ld0ld0" and again["row_commits"]["anpyc-fixed"] == again["commit"]
+    assert again["command"].endswith("--methods " + ",".join(growth.ROWS))
     ablation = _load("ablation")
     assert ablation.main(["--quick", "--methods", "default,no growth", "--results", str(tmp_path / "a"),
                           "--no-write"]) == 0
