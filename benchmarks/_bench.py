@@ -187,6 +187,13 @@ def write_section(path: Path, name: str, body: str, *, title: str | None = None)
     os.replace(tmp, path)
 
 
+def kept_row_commits(old: dict, fresh: dict[str, str]) -> dict[str, str]:
+    """The commit that measured each row after a partial run: ``old`` (the results file it merges into) keeps its
+    rows' commits (its own commit for files written before rows recorded theirs), ``fresh`` (row -> this commit)
+    wins for the rows re-run."""
+    return {**{m: old.get("row_commits", {}).get(m, old["commit"]) for m in old["rows"]}, **fresh}
+
+
 def command_line(script: str, args: Sequence[str]) -> str:
     """The command that reproduces a table, as a user would type it from the repository root (shell-quoted)."""
     return " ".join(["python", f"benchmarks/{script}", *(shlex.quote(a) for a in args)])

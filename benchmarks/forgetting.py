@@ -614,8 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["row_commits"] = {m: doc["commit"] for m in doc["rows"]}
             if old is not None and args.methods is not None and old.get("seeds") == seeds:
                 doc["rows"] = {**old["rows"], **doc["rows"]}  # a partial run keeps the other rows
-                doc["row_commits"] = {**{m: old.get("row_commits", {}).get(m, old["commit"]) for m in old["rows"]},
-                                      **doc["row_commits"]}
+                doc["row_commits"] = _bench.kept_row_commits(old, doc["row_commits"])
             plot(suite, doc["rows"], results_dir / f"acc_vs_tasks_{name}{tag}.png", quick=args.quick)
         doc["command"] = _command(name, list(doc["search"] if args.search else doc["rows"]), suite, args, seeds)
         path.write_text(json.dumps(doc, indent=1))

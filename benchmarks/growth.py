@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                                               else None) == num_tasks
     if args.methods and same_stream and old["rows"] and all(r["spec"]["seed"] == seed for r in old["rows"].values()):
         # a partial run keeps the other rows of the same stream, and says which run measured them
-        row_commits = {**{n: old.get("row_commits", {}).get(n, old["commit"]) for n in old["rows"]}, **row_commits}
+        row_commits = _bench.kept_row_commits(old, row_commits)
         rows = {n: rows.get(n, old["rows"].get(n)) for n in [*ROWS] if n in rows or n in old["rows"]}
         argv_used = argv_used[: argv_used.index("--methods")] if "--methods" in argv_used else argv_used
         argv_used += ["--methods", ",".join(rows)]
