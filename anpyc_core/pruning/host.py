@@ -8,9 +8,11 @@ import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch.utils.data import Subset
 
 from ..consolidation import pull_toward
 from ..events import Epoch, PruneStep
+from ..training import derive_seed
 from .plan import group_budget
 
 if TYPE_CHECKING:
@@ -26,6 +28,7 @@ class LearnerHost:
     def __init__(self, learner: "ContinualLearner", task: "Task", k: int):
         self.l, self.task, self.k = learner, task, k
         self._element_scores: dict[str, torch.Tensor] = {}  # of the last unit_scores(): what the pull weights by
+        self._evidence: Subset | None = None  # the training samples evidence_correct() adds (built on first use)
 
     def unit_scores(self) -> torch.Tensor:
         self._element_scores = self.l._element_importance(self.task, self.k)
@@ -100,6 +103,22 @@ class LearnerHost:
     def val_correct(self) -> torch.Tensor:
         return self.l._correct(self.k, self._val_set())
 
+    def evidence_correct(self) -> torch.Tensor:
+        """Per-sample correctness on the validation set, then, where it holds fewer than ``prune.guard_samples``,
+        on enough training samples (a subset fixed per task) to make up the difference: the evidence for a release
+        made without retraining. Such a release has not been fitted to the training samples, so how many of them
+        it gets wrong is evidence of what it changed, and the 72 validation images of a split-digits task alone
+        cannot show any drop below 1.4% (:mod:`~anpyc.pruning.guard`). They fit the trained model with a wider
+        margin than unseen samples do, so validation comes first."""
+        correct = self.val_correct()
+        n = min(self.l.config.prune.guard_samples - len(correct), len(self.task.train))
+        if n <= 0 or self._val_set() is self.task.train:  # no validation set: the training set already is the evidence
+            return correct
+        if self._evidence is None:
+            g = torch.Generator().manual_seed(derive_seed(self.l.config.seed, self.task.id, "guard-evidence"))
+            self._evidence = Subset(self.task.train, torch.randperm(len(self.task.train), generator=g)[:n].tolist())
+        return torch.cat([correct, self.l._correct(self.k, self._evidence)])
+
     def recalibrate(self) -> None:
         self.l._recalibrate(self.task, self.k)
 
@@ -138,7 +157,7 @@ class LearnerHost:
         trunk, owners, head, stats = snap
         l = self.l
         l.trunk.load_state_dict(trunk)
-        l.space.owners = owners
+        l.space.owners = owners.clone()  # a snapshot may be restored more than once
         l.model.heads[str(self.k)].load_state_dict(head)
         for n, v in stats.items():
             l.stats[self.k][n].copy_(v)
