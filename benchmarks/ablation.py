@@ -33,17 +33,16 @@ import _bench  # noqa: E402
 from forgetting import QUICK, SUITES  # noqa: E402
 
 SECTION = "ablation"
-NOTE = ("What the rows say (one seed, after the fix that gives every task its own optimizer from its first epoch): "
-        "the hard freeze is the consolidation that works -- without it later tasks rewrite earlier ones (BWT -6.4 "
-        "pts, 6.2 pts of validation ACC lost); growth is worth 2.9 pts of validation ACC on this stream; "
-        "entropy-Taylor now scores 0.2 pts above magnitude on validation (the earlier 0.5-pt lead of magnitude was "
-        "measured with the stale optimizer) and whole neurons 0.6 above single weights, so both stay in the default. "
-        "The importance-weighted pull while a task recovers (consolidation.pull) adds 0.2 pts to the search mode and "
-        "has nothing to act on in the default (gradual pruning never retrains); it stays off. The one row above the "
-        "default is the fixed schedule (50% of the first task's units, x0.8 per task, retraining after the cut): "
-        "+0.4 pts of validation ACC at 1.16x the wall time and 3.4 pts more parameters per task. One seed's 0.4 pts "
-        "is within the spread of seeds here (the default's validation ACC is 94.6 +- 0.4 over 3 seeds), so the "
-        "budgeted ramp stays until 3 seeds of both decide; that run is the next one for this table.")
+NOTE = ("What the rows say (after the fix that gives every task its own optimizer from its first epoch): the hard "
+        "freeze is the consolidation that works -- without it later tasks rewrite earlier ones (BWT -6.4 pts, 6.2 pts "
+        "of validation ACC lost, seed 0); growth is worth 2.9 pts of validation ACC on this stream; entropy-Taylor "
+        "scores 0.2 pts above magnitude on validation and whole neurons 0.6 above single weights (seed 0), so both "
+        "stay in the default. The importance-weighted pull while a task recovers (consolidation.pull) adds 0.2 pts "
+        "to the search mode and has nothing to act on in the default (gradual pruning never retrains); it stays "
+        "off. The fixed schedule (50% of the first task's units, x0.8 per task, retraining after the cut) beats the "
+        "budgeted ramp on all 3 seeds: +0.5 pts of validation ACC and +0.6 of test ACC at 1.23x the wall time and "
+        "2.9 pts more parameters per task. It is not the default yet: the CNN suites, where the ramp's budget and "
+        "guard meet their targets, have not been run with it; that comparison is the next one for this table.")
 ROWS: dict[str, dict] = {
     "default": {},
     "no consolidation": {"consolidation.rule": "none"},
@@ -59,16 +58,17 @@ ROWS: dict[str, dict] = {
 
 def table(rows: dict[str, list[dict]]) -> str:
     base = rows.get("default")
-    lines = ["| row | val ACC | test ACC | BWT | params/task | wall | wall / default |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| row | seeds | val ACC | test ACC | BWT | params/task | wall | wall / default |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, runs in rows.items():
         per_task = [sum(r["task_params"]) / len(r["task_params"]) / r["dense_params"] for r in runs]
         wall = _bench.median([r["wall_seconds"] for r in runs])
         ratio = wall / _bench.median([r["wall_seconds"] for r in base]) if base else float("nan")
         val, test = _bench.fmt_pm(r["val_acc"] for r in runs), _bench.fmt_pm(r["acc"] for r in runs)
         bwt = _bench.fmt_pm((r["bwt"] for r in runs), signed=True)
-        lines.append(f"| {name} | {val} | {test} | {bwt} | {100 * sum(per_task) / len(per_task):.1f}% | {wall:.0f} s "
-                     f"| {ratio:.2f} |")
+        seeds = ",".join(str(r["spec"]["seed"]) for r in runs)
+        lines.append(f"| {name} | {seeds} | {val} | {test} | {bwt} | {100 * sum(per_task) / len(per_task):.1f}% "
+                     f"| {wall:.0f} s | {ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -94,10 +94,29 @@ def main(argv: list[str] | None = None) -> int:
                                   + (["--methods", ",".join(names)] if args.methods else []))
     results = args.results or _bench.ROOT / "benchmarks" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"ablation{'_quick' if args.quick else ''}.json").write_text(
-        json.dumps({"command": command, "machine": _bench.machine(), "commit": _bench.git_commit(), "rows": rows}))
-    body = "\n".join([f"{suite.title}, seeds {args.seeds}, {args.threads} thread(s); {_bench.machine()}.", "",
-                      "```", command, "```", "", table(rows), "", NOTE])
+    path = results / f"ablation{'_quick' if args.quick else ''}.json"
+    commit = _bench.git_commit()
+    doc = {"command": command, "machine": _bench.machine(), "commit": commit, "rows": rows,
+           "row_commits": {name: commit for name in rows}, "row_commands": {name: command for name in rows}}
+    old = json.loads(path.read_text()) if path.exists() and args.methods else None
+    if old is not None:  # a partial run keeps the rows it did not run, each with its own seeds and command
+        doc["rows"] = {name: doc["rows"].get(name, old["rows"].get(name)) for name in ROWS
+                       if name in doc["rows"] or name in old["rows"]}
+        doc["row_commits"] = _bench.kept_row_commits(old, doc["row_commits"])
+        doc["row_commands"] = {**{name: old.get("row_commands", {}).get(name, old["command"]) for name in old["rows"]},
+                               **doc["row_commands"]}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    tmp.replace(path)
+    rows = doc["rows"]
+    commands = list(dict.fromkeys(doc["row_commands"][name] for name in rows))
+    runs = [f"{', '.join(n for n in rows if doc['row_commands'][n] == c)}: commit "
+            f"{', '.join(sorted({doc['row_commits'][n] for n in rows if doc['row_commands'][n] == c}))}"
+            for c in commands]
+    body = "\n".join([f"{suite.title}, {args.threads} thread(s); {_bench.machine()}.", "",
+                      "```", *commands, "```", "",
+                      ("Rows by run: " + "; ".join(runs) + ". Wall times compare within a run." if len(commands) > 1
+                       else ""), "", table(rows), "", NOTE])
     print(body)
     if not args.no_write and not args.quick:
         _bench.write_section(args.out, SECTION, body, title="Ablation of the default")

@@ -166,7 +166,16 @@ def test_growth_ablation_and_folder_quick(tmp_path):
     rows = json.loads((tmp_path / "a" / "ablation_quick.json").read_text())["rows"]
     assert rows["no growth"][0]["config"]["grow"]["enabled"] is False
     assert rows["default"][0]["config"]["grow"]["enabled"] is True
-    assert "| default |" in ablation.table(rows) and "| 1.00 |" in ablation.table(rows)
+    assert "| default | 0 |" in ablation.table(rows) and "| 1.00 |" in ablation.table(rows)
+    # a partial run with more seeds replaces its rows and keeps the others with their own seeds and commands
+    assert ablation.main(["--quick", "--methods", "default", "--seeds", "0,1", "--results", str(tmp_path / "a"),
+                          "--no-write"]) == 0
+    again = json.loads((tmp_path / "a" / "ablation_quick.json").read_text())
+    assert list(again["rows"]) == ["default", "no growth"] and again["rows"]["no growth"] == rows["no growth"]
+    assert [r["spec"]["seed"] for r in again["rows"]["default"]] == [0, 1]
+    assert again["row_commands"]["no growth"].endswith("--methods 'default,no growth'")
+    assert again["row_commands"]["default"].endswith("--seeds 0,1 --quick --methods default")
+    assert "| default | 0,1 |" in ablation.table(again["rows"]) and "| no growth | 0 |" in ablation.table(again["rows"])
     folder = _load("folder")
     assert folder.main(["--quick", "--methods", "finetune,anpyc", "--results", str(tmp_path / "f"), "--no-write"]) == 0
     rows = json.loads((tmp_path / "f" / "folder_quick.json").read_text())
