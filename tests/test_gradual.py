@@ -58,8 +58,11 @@ class KnownHost:
         self.calls.append(("val", self.fresh))
         return self._right(N_VAL)
 
-    def evidence_correct(self) -> torch.Tensor:
+    def evidence_correct(self, val: torch.Tensor | None = None) -> torch.Tensor:
         self.calls.append(("evidence", self.fresh))
+        if val is not None:
+            assert torch.equal(val, self._right(N_VAL))  # the caller's validation part is this network's
+            return torch.cat([val, self._right(N_TRAIN)])
         return self._right(N_VAL + N_TRAIN)
 
     # what the strategy does

@@ -51,7 +51,7 @@ class PruneHost(Protocol):
     def budget(self) -> tuple[torch.Tensor, int]: ...        # units the task may keep per group and in total
     def needed(self) -> torch.Tensor: ...                    # units it must keep per group (group minimums)
     def val_correct(self) -> torch.Tensor: ...               # per-sample correctness on the validation set
-    def evidence_correct(self) -> torch.Tensor: ...          # the same, plus training samples (no-retrain releases)
+    def evidence_correct(self, val: torch.Tensor | None = None) -> torch.Tensor: ...  # plus training samples
     def recalibrate(self) -> None: ...                       # re-estimate the task's BatchNorm statistics
     def retrain_until(self, step: int, stop, pull_from: object) -> int: ...  # epochs run (stops once stop())
 

@@ -141,7 +141,8 @@ def prune_gradual(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
     # at the budget: did the task keep its accuracy within its share? Its BatchNorm statistics are re-estimated
     # first: the running averages of the ramp epochs mix the networks the ramp passed through
     host.recalibrate()
-    at_budget = judge(cfg.guard, before, host.val_correct(), cfg.tolerance, cfg.confidence)
+    at_val = host.val_correct()
+    at_budget = judge(cfg.guard, before, at_val, cfg.tolerance, cfg.confidence)
     record = {"k": state["k"], "released": state["released"], "val_acc": float(before.float().mean()) - at_budget.drop,
               "accepted": True, "decision": "budget", "keep": 1 - state["released"] / max(claim, 1),
               "within_budget": at_budget.accepted, **at_budget.as_dict()}
@@ -152,7 +153,7 @@ def prune_gradual(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index:
     state["k"] += 1
     # below the budget: what the task does not use, released without retraining when the guard sees no loss on
     # the validation and training samples
-    trained = host.evidence_correct()
+    trained = host.evidence_correct(at_val)  # the network the verdict measured: its validation part is known
     kept = int(host.claim().sum())
     if kept > 1 and cfg.min_keep * claim < kept:
         found = _smallest_unused(host, cfg, trained, ladder(kept / claim * cfg.search_ratio, cfg.min_keep,
