@@ -72,14 +72,8 @@ def table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _bench.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_seeds="0")
-    parser.add_argument("--cache", type=Path, default=None, help="folder caching one JSON per run (resumable)")
-    parser.add_argument("--no-write", action="store_true", help="do not rewrite the markdown section")
-    args = parser.parse_args(argv)
-    _bench.setup_torch(args.threads)
-    seeds = _bench.parse_list(args.seeds, int)
-    names = _bench.parse_list(args.methods) or list(ROWS)
+def _run(args, names: list[str], seeds: list[int], path: Path) -> dict:
+    """Run the rows ``names`` and merge them into the results file at ``path`` (a partial run keeps the others)."""
     suite = SUITES["permuted10"]
     stream_kwargs, (backbone, bkw) = dict(suite.stream_kwargs), (suite.backbone, suite.backbone_kwargs)
     extra = {}
@@ -92,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in names}
     command = _bench.command_line("ablation.py", ["--seeds", args.seeds] + (["--quick"] if args.quick else [])
                                   + (["--methods", ",".join(names)] if args.methods else []))
-    results = args.results or _bench.ROOT / "benchmarks" / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    path = results / f"ablation{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     commit = _bench.git_commit()
     doc = {"command": command, "machine": _bench.machine(), "commit": commit, "rows": rows,
            "row_commits": {name: commit for name in rows}, "row_commands": {name: command for name in rows}}
@@ -108,15 +100,44 @@ def main(argv: list[str] | None = None) -> int:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)
+    return doc
+
+
+def render(doc: dict, suite) -> str:
+    """The markdown section from a results document: one command line per run that measured rows of it."""
     rows = doc["rows"]
-    commands = list(dict.fromkeys(doc["row_commands"][name] for name in rows))
-    runs = [f"{', '.join(n for n in rows if doc['row_commands'][n] == c)}: commit "
-            f"{', '.join(sorted({doc['row_commits'][n] for n in rows if doc['row_commands'][n] == c}))}"
-            for c in commands]
-    body = "\n".join([f"{suite.title}, {args.threads} thread(s); {_bench.machine()}.", "",
-                      "```", *commands, "```", "",
-                      ("Rows by run: " + "; ".join(runs) + ". Wall times compare within a run." if len(commands) > 1
+    threads = next((r.get("threads", 1) for runs in rows.values() for r in runs), 1)
+    commands = doc.get("row_commands") or {name: doc["command"] for name in rows}
+    commits = doc.get("row_commits") or {name: doc.get("commit", "?") for name in rows}
+    unique = list(dict.fromkeys(commands[name] for name in rows))
+    runs = [f"{', '.join(n for n in rows if commands[n] == c)}: commit "
+            f"{', '.join(sorted({commits[n] for n in rows if commands[n] == c}))}" for c in unique]
+    return "\n".join([f"{suite.title}, {threads} thread(s); {doc.get('machine') or _bench.machine()}.", "",
+                      "```", *unique, "```", "",
+                      ("Rows by run: " + "; ".join(runs) + ". Wall times compare within a run." if len(unique) > 1
                        else ""), "", table(rows), "", NOTE])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _bench.common_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), default_seeds="0")
+    parser.add_argument("--cache", type=Path, default=None, help="folder caching one JSON per run (resumable)")
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite the markdown section")
+    parser.add_argument("--render-only", action="store_true",
+                        help="rewrite the markdown section from the results file, running nothing")
+    args = parser.parse_args(argv)
+    _bench.setup_torch(args.threads)
+    seeds = _bench.parse_list(args.seeds, int)
+    names = _bench.parse_list(args.methods) or list(ROWS)
+    suite = SUITES["permuted10"]
+    results = args.results or _bench.ROOT / "benchmarks" / "results"
+    path = results / f"ablation{'_quick' if args.quick else ''}.json"
+    if args.render_only:
+        if not path.exists():
+            parser.error(f"--render-only: {path} does not exist; run the ablation first")
+        doc = json.loads(path.read_text())
+    else:
+        doc = _run(args, names, seeds, path)
+    body = render(doc, suite)
     print(body)
     if not args.no_write and not args.quick:
         _bench.write_section(args.out, SECTION, body, title="Ablation of the default")

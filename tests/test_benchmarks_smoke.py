@@ -139,7 +139,7 @@ def test_routing_quick_writes_its_table(tmp_path):
     assert "lowest normalised predictive entropy" in text
 
 
-def test_growth_ablation_and_folder_quick(tmp_path):
+def test_growth_ablation_and_folder_quick(tmp_path, capsys):
     """The long-stream, ablation and folder benchmarks run end to end and report what their rows measured."""
     growth = _load("growth")
     assert growth.main(["--quick", "--results", str(tmp_path / "g"), "--no-write"]) == 0
@@ -176,6 +176,12 @@ def test_growth_ablation_and_folder_quick(tmp_path):
     assert again["row_commands"]["no growth"].endswith("--methods 'default,no growth'")
     assert again["row_commands"]["default"].endswith("--seeds 0,1 --quick --methods default")
     assert "| default | 0,1 |" in ablation.table(again["rows"]) and "| no growth | 0 |" in ablation.table(again["rows"])
+    # --render-only rewrites the section from the results file alone: both runs' commands, both rows, no training
+    capsys.readouterr()
+    assert ablation.main(["--quick", "--render-only", "--results", str(tmp_path / "a"), "--no-write"]) == 0
+    shown = capsys.readouterr().out
+    assert again["row_commands"]["default"] in shown and again["row_commands"]["no growth"] in shown
+    assert "| default | 0,1 |" in shown and "| no growth | 0 |" in shown and "Rows by run: default: commit" in shown
     folder = _load("folder")
     assert folder.main(["--quick", "--methods", "finetune,anpyc", "--results", str(tmp_path / "f"), "--no-write"]) == 0
     rows = json.loads((tmp_path / "f" / "folder_quick.json").read_text())
