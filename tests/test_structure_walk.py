@@ -302,3 +302,29 @@ def test_split_outputs_are_matched_to_their_consumers():
     assert [exp[8 + c] for c in range(8)] == [out[8 + c] for c in range(8)]
     assert [exp[c] for c in range(8)] == [out[c] for c in range(8)]
     assert sorted(exp) == list(range(16)) and len(set(exp.values())) == 16
+
+
+def test_groups_that_conflict_only_together_lose_only_the_conflict(monkeypatch):
+    """Two groups that pass parity alone but fail together reject one of them; the groups beside them stay."""
+    import importlib
+
+    from anpyc.structure.walk import ParityReport, verify_groups
+
+    walk_mod = importlib.import_module("anpyc.structure.walk")  # the module (the package exports the function)
+
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 6)
+    s = walk(net, x, verify=False)
+    names = [g.name for g in s.groups]
+    assert len(names) == 5  # four hidden layers and the features
+    a, b = names[0], names[-1]  # the conflicting pair sits in different halves of the bisection
+
+    def fake(trunk, structure, active, example):
+        touched = {g.name for g in structure.groups if not bool(active[g.offset: g.offset + g.size].all())}
+        return ParityReport(False, 0.5) if {a, b} <= touched else ParityReport(True, 0.0)
+
+    monkeypatch.setattr(walk_mod, "parity", fake)
+    kept, bad = verify_groups(net, s, x)
+    assert list(bad) == [b] and bad[b] == "fails only together with other groups (max abs diff 0.5)"
+    assert sorted(set(names) - set(bad)) == sorted([n for n in names if n != b])

@@ -134,7 +134,9 @@ def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor,
     """Drop the groups of ``structure`` that break masked/sliced parity; returns the structure and the reasons.
 
     Each round draws one random subset of every group's units; failures are bisected with that same draw (the
-    other groups fully kept), so a failure is pinned on the groups that cause it, not on a luckier redraw. With
+    other groups fully kept), so a failure is pinned on the groups that cause it, not on a luckier redraw. Groups
+    that pass alone but fail together lose only the members the conflict needs: the others are added back as long
+    as the set still passes. With
     ``located``, every failing group's entry is set to where its parity broke (:func:`.explain.locate_break`).
     """
     gen = torch.Generator().manual_seed(seed)
@@ -169,13 +171,26 @@ def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor,
             rep = check(part, draw)
             if not rep.ok:
                 bad += bisect(part, rep, draw)
-        if not bad:  # the halves pass alone but fail together: keep the whole set out
-            why = report.error or f"max abs diff {report.max_abs_diff:.3g}"
-            for n in names:
-                reasons[n] = f"fails only together with other groups ({why})"
-            locate(names, draw)
-            return names
+        if not bad:  # the halves pass alone but fail together: keep the first, add back what passes beside it
+            return add_back(list(names[:half]), list(names[half:]), report, draw)
         return bad
+
+    def add_back(accepted: list[str], candidates: list[str], report: ParityReport, draw: torch.Tensor) -> list[str]:
+        """Extend ``accepted`` (groups that pass together) by the ``candidates`` that still pass beside them,
+        bisecting the candidates; returns the ones that do not. A conflict costs the groups in it, not the set."""
+        if not candidates:
+            return []
+        rep = check(accepted + candidates, draw)
+        if rep.ok:
+            accepted += candidates
+            return []
+        if len(candidates) == 1:
+            why = rep.error or f"max abs diff {rep.max_abs_diff:.3g}"
+            reasons[candidates[0]] = f"fails only together with other groups ({why})"
+            locate(candidates, draw)
+            return candidates
+        half = len(candidates) // 2
+        return add_back(accepted, candidates[:half], rep, draw) + add_back(accepted, candidates[half:], rep, draw)
 
     names = [g.name for g in structure.groups if g.size >= 2]
     bad: list[str] = []
