@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from .structure.growth import grow_group, growable
+from .structure.growth import check_growth, grow_group, growable
 
 if TYPE_CHECKING:
     from .learner import ContinualLearner
@@ -57,12 +57,26 @@ def plan_growth(learner: "ContinualLearner", k: int) -> dict[str, tuple[int, int
         base = space.base_sizes.get(g.name, g.size)
         free = int((space.owners[g.offset: g.offset + g.size] == space.free).sum())
         want = int(math.ceil(cfg.min_free * base))
-        if free >= want or growable(space.structure, g.name) is not None:
+        if free >= want or not _can_grow(learner, g.name):
             continue
         m = min(max(want - free, int(math.ceil(cfg.step * base))), int(cfg.max_width * base) - g.size)
         if m > 0:
             out[g.name] = (m, free)
     return out
+
+
+def _can_grow(learner: "ContinualLearner", name: str) -> bool:
+    """Whether group ``name`` may be widened: the tensor rules allow it and a trial widening of a copy keeps the
+    trunk's function (:func:`~anpyc.structure.growth.check_growth`). Decided once per group and run (the reasons
+    stay in ``learner._growth_verdicts``); a group that cannot grow keeps its width."""
+    verdicts = learner.__dict__.setdefault("_growth_verdicts", {})
+    if name not in verdicts:
+        space = learner.space
+        why = growable(space.structure, name)
+        if why is None:
+            why = check_growth(learner.trunk, space.structure, name, learner._example, seed=learner.config.seed)
+        verdicts[name] = why
+    return verdicts[name] is None
 
 
 def widen(old: torch.Tensor, fresh: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:

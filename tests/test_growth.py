@@ -182,3 +182,63 @@ def test_a_run_past_254_tasks_widens_its_owners(tmp_path):
     assert torch.equal(tensors["owners"], owners)
     x = torch.randn(2, 6)
     assert learner.subnetwork(0)(x).shape == (2, 2) and learner.subnetwork(259)(x).shape == (2, 2)
+
+
+class _Ghost(torch.nn.Module):
+    """GhostNet's module: a concat of two branches cut back to a stored width (a no-op when slicing, a truncation
+    when widening)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_chs = 8
+        self.primary = torch.nn.Conv2d(6, 4, 1)
+        self.cheap = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        x1 = torch.relu(self.primary(x))
+        return torch.cat([x1, self.cheap(x1)], dim=1)[:, :self.out_chs]
+
+
+class _GhostNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.ghost = _Ghost()
+        self.mix = torch.nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        x = self.mix(self.ghost(torch.relu(self.stem(x))))
+        return x.mean(dim=(2, 3))
+
+
+def test_a_width_the_rules_do_not_see_keeps_its_group_from_growing():
+    """The tensor rules allow widening the ghost branches, but the stored width would cut the new channels off:
+    the trial widening on a copy finds it, names why, and the trunk is left as it was; the other groups may grow."""
+    from anpyc.structure import walk
+    from anpyc.structure.growth import check_growth
+
+    torch.manual_seed(0)
+    net = _GhostNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    s = walk(net, x)
+    ghost = next(g.name for g in s.groups if "ghost" in g.name)
+    assert growable(s, ghost) is None  # the rules alone would widen it
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    why = check_growth(net, s, ghost, x)
+    assert why is not None and why.startswith("widening breaks the forward pass (RuntimeError:"), why
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # checked on a copy
+    assert check_growth(net, s, "stem", x) is None
+
+
+def test_a_learner_never_widens_a_group_its_trial_widening_breaks(tmp_path):
+    """A learner whose ghost group runs out of free units widens the groups that can grow and learns on."""
+    stream = synthetic_stream(num_tasks=3, samples_per_class=8, img_size=8, seed=0)
+    learner = anpyc.ContinualLearner(_GhostNet(), input_spec=stream.input_spec,
+                                     config=anpyc.method_config("anpyc", **{**GROW, "threads": 2}))
+    ghost = next(g.name for g in learner.structure.groups if "ghost" in g.name)
+    for i, task in enumerate(stream):
+        learner.learn(task, final=i == len(stream) - 1)
+    grown = {e.group for e in learner.growth}
+    assert ghost not in grown and grown, grown
+    assert learner._growth_verdicts[ghost].startswith("widening breaks the forward pass")
+    assert min(learner.acc_test[-1]) > 0.0

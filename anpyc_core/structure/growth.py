@@ -11,6 +11,9 @@ new one.
 The rules cannot widen everything: a group is widened only when it owns every position of every dimension it
 touches (a concat shared with another group, or positions owned by no unit, would need a layout the group alone
 does not decide) and each of those dimensions has the block layout above. :func:`growable` says why not.
+A module can still hold a width the rules do not see (GhostNet's ``out[:, :out_chs]`` after a concat is a no-op
+when slicing, a truncation when widening): :func:`check_growth` widens a copy by one unit and checks that what the
+current units compute is unchanged, which is what growth promises every earlier task.
 
 New entries are drawn from a normal with the mean and standard deviation of the tensor's *initial* values (a
 norm's weight of ones gets ones, a conv its init scale), or taken as given when a saved growth is replayed.
@@ -29,7 +32,7 @@ from .layers import has_resync_rule, resync
 from .slicing import _drop_tensor_caches, _sync_static_sizes
 from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
 
-__all__ = ["growable", "grow_group", "Layout"]
+__all__ = ["growable", "grow_group", "check_growth", "Layout"]
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,57 @@ def growable(structure: Structure, name: str) -> str | None:
         return f"there is no group {name!r}"
     why = _dims(structure, group)
     return why if isinstance(why, str) else None
+
+
+def check_growth(trunk: nn.Module, structure: Structure, name: str, example: torch.Tensor, *, seed: int = 0
+                 ) -> str | None:
+    """None when widening group ``name`` keeps what the trunk computes on its current units, else why not.
+
+    A copy of ``trunk`` (norms randomised, so equal outputs prove something) is widened by one unit, drawn at random
+    like a real growth, and run masked with the new unit inactive, as every earlier task runs it: its features on
+    ``example`` must match the copy's before the widening (max abs diff <= 1e-4 of their scale). ``trunk`` is not
+    changed."""
+    import copy
+
+    from ..masked import MaskedModel
+    from ..masks import UnitSpace
+    from .slicing import kept_positions
+    from .walk import randomize_norms
+
+    why = growable(structure, name)
+    if why is not None:
+        return why
+    gen = torch.Generator().manual_seed(seed)
+    probe = randomize_norms(copy.deepcopy(trunk).eval(), gen)
+    group = next(g for g in structure.groups if g.name == name)
+    masked = None
+    try:
+        with torch.no_grad():
+            ref = probe(example)
+        init = {n: p.detach() for n, p in probe.named_parameters()}  # buffers start at zero (a variance of 0 is safe)
+        grown, _, _ = grow_group(probe, structure, name, 1, init=init, generator=gen)
+        active = torch.ones(grown.num_units, dtype=torch.bool)
+        active[group.offset + group.size] = False
+        space = UnitSpace(grown, {n for n, _ in probe.named_parameters()})
+        masked = MaskedModel(probe, grown.num_features, norm_modules=list(grown.norm_units))
+        masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
+        masked.eval()
+        with torch.no_grad():
+            y = masked.features(example)[:, kept_positions(grown.feature_unit_ids, active)]
+    except Exception as e:  # a width the rules did not update breaks the forward pass
+        text = " ".join(str(e).split())[:200]
+        return f"widening breaks the forward pass ({type(e).__name__}: {text})"
+    finally:
+        if masked is not None:
+            for h in masked._hooks:
+                h.remove()
+    if y.shape != ref.shape:
+        return f"widening changes the features' shape ({tuple(ref.shape)} -> {tuple(y.shape)})"
+    diff = float((y - ref).abs().max()) if ref.numel() else 0.0
+    scale = max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+    if not diff <= 1e-4 * scale:
+        return f"widening changes what the current units compute (max abs diff {diff:.3g})"
+    return None
 
 
 def _grown_tensor(old: torch.Tensor, dims: dict[int, Layout], m: int, fill: torch.Tensor
