@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from .structure.growth import check_growth, grow_group, growable
+from .structure.growth import check_growth, grow_group
 
 if TYPE_CHECKING:
     from .learner import ContinualLearner
@@ -71,11 +71,8 @@ def _can_grow(learner: "ContinualLearner", name: str) -> bool:
     stay in ``learner._growth_verdicts``); a group that cannot grow keeps its width."""
     verdicts = learner.__dict__.setdefault("_growth_verdicts", {})
     if name not in verdicts:
-        space = learner.space
-        why = growable(space.structure, name)
-        if why is None:
-            why = check_growth(learner.trunk, space.structure, name, learner._example, seed=learner.config.seed)
-        verdicts[name] = why
+        verdicts[name] = check_growth(learner.trunk, learner.space.structure, name, learner._example,
+                                      seed=learner.config.seed)
     return verdicts[name] is None
 
 

@@ -119,10 +119,7 @@ def check_growth(trunk: nn.Module, structure: Structure, name: str, example: tor
     changed."""
     import copy
 
-    from ..masked import MaskedModel
-    from ..masks import UnitSpace
-    from .slicing import kept_positions
-    from .walk import randomize_norms
+    from .walk import close, masked_features, randomize_norms
 
     why = growable(structure, name)
     if why is not None:
@@ -130,7 +127,6 @@ def check_growth(trunk: nn.Module, structure: Structure, name: str, example: tor
     gen = torch.Generator().manual_seed(seed)
     probe = randomize_norms(copy.deepcopy(trunk).eval(), gen)
     group = next(g for g in structure.groups if g.name == name)
-    masked = None
     try:
         with torch.no_grad():
             ref = probe(example)
@@ -138,24 +134,14 @@ def check_growth(trunk: nn.Module, structure: Structure, name: str, example: tor
         grown, _, _ = grow_group(probe, structure, name, 1, init=init, generator=gen)
         active = torch.ones(grown.num_units, dtype=torch.bool)
         active[group.offset + group.size] = False
-        space = UnitSpace(grown, {n for n, _ in probe.named_parameters()})
-        masked = MaskedModel(probe, grown.num_features, norm_modules=list(grown.norm_units))
-        masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
-        masked.eval()
-        with torch.no_grad():
-            y = masked.features(example)[:, kept_positions(grown.feature_unit_ids, active)]
+        y = masked_features(probe, grown, active, example)
     except Exception as e:  # a width the rules did not update breaks the forward pass
         text = " ".join(str(e).split())[:200]
         return f"widening breaks the forward pass ({type(e).__name__}: {text})"
-    finally:
-        if masked is not None:
-            for h in masked._hooks:
-                h.remove()
     if y.shape != ref.shape:
         return f"widening changes the features' shape ({tuple(ref.shape)} -> {tuple(y.shape)})"
-    diff = float((y - ref).abs().max()) if ref.numel() else 0.0
-    scale = max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
-    if not diff <= 1e-4 * scale:
+    ok, diff = close(ref, y)
+    if not ok:
         return f"widening changes what the current units compute (max abs diff {diff:.3g})"
     return None
 

@@ -99,34 +99,46 @@ def _random_active(structure: Structure, names: set[str], generator: torch.Gener
 
 def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example: torch.Tensor) -> ParityReport:
     """Masked dense features vs physically sliced features for ``active`` (``trunk`` is used as given)."""
-    from ..masked import MaskedModel
-    from ..masks import UnitSpace
-
-    space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
     try:  # sliced first: a copy made while the masked model's norm hooks sit on the trunk would carry them along
         sliced = slice_trunk(trunk, structure, active).eval()
     except Exception as e:
         return ParityReport(False, float("inf"), f"{type(e).__name__}: {e}"[:300])
-    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
-    masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
-    masked.eval()
     try:
+        y_ref = masked_features(trunk, structure, active, example)
         with torch.no_grad():
-            y_masked = masked.features(example)
             y_sliced = sliced(example)
-        keep = kept_positions(structure.feature_unit_ids, active)
-        y_ref = y_masked[:, keep]
         if y_ref.shape != y_sliced.shape:
             return ParityReport(False, float("inf"), f"shape {tuple(y_sliced.shape)} != {tuple(y_ref.shape)}")
-        diff = float((y_ref - y_sliced).abs().max()) if y_ref.numel() else 0.0
-        scale = max(1.0, float(y_ref.abs().max()) if y_ref.numel() else 1.0)
-        ok = diff <= 1e-4 * scale and bool(torch.isfinite(y_sliced).all())
+        ok, diff = close(y_ref, y_sliced)
         return ParityReport(ok, diff)
     except Exception as e:  # a slicing that breaks the module is a failed check, not a crash
         return ParityReport(False, float("inf"), f"{type(e).__name__}: {e}"[:300])
+
+
+def masked_features(trunk: nn.Module, structure: Structure, active: torch.Tensor, example: torch.Tensor
+                    ) -> torch.Tensor:
+    """The features of ``trunk`` run masked to the ``active`` units (eval mode), at the kept feature positions; the
+    masked model's hooks are removed again."""
+    from ..masked import MaskedModel
+    from ..masks import UnitSpace
+
+    space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
+    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
+    try:
+        masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
+        masked.eval()
+        with torch.no_grad():
+            return masked.features(example)[:, kept_positions(structure.feature_unit_ids, active)]
     finally:
         for h in masked._hooks:
             h.remove()
+
+
+def close(ref: torch.Tensor, y: torch.Tensor) -> tuple[bool, float]:
+    """The parity rule: ``y`` is finite and within 1e-4 of ``ref``'s scale (at least 1); returns ``(ok, max diff)``."""
+    diff = float((ref - y).abs().max()) if ref.numel() else 0.0
+    scale = max(1.0, float(ref.abs().max()) if ref.numel() else 1.0)
+    return diff <= 1e-4 * scale and bool(torch.isfinite(y).all()), diff
 
 
 def verify_groups(trunk: nn.Module, structure: Structure, example: torch.Tensor, *, seed: int = 0, rounds: int = 2,
