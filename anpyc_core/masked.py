@@ -170,6 +170,7 @@ class MaskedModel(nn.Module):
         self._mask_sources: dict[str, torch.Tensor] = {}
         self._norm_masks: dict[str, torch.Tensor] = {}
         self._feature_mask: torch.Tensor | None = None
+        self._alias_map: dict[str, list[str]] = {}
         self._stats: dict[str, torch.Tensor] = {}
         self._modes: dict[str, _MaskedNormMode] = {}
         self._hooks = []
@@ -229,6 +230,7 @@ class MaskedModel(nn.Module):
         named = dict(self.trunk.named_parameters())
         named.update(self.trunk.named_buffers())
         self._mask_sources = {name: named[name] for name in self._tensor_masks}
+        self._alias_map = self._find_aliases()
         self._norm_masks = dict(norm_masks)
         self._feature_mask = feature_mask
 
@@ -251,9 +253,30 @@ class MaskedModel(nn.Module):
             out[name] = (out[name] if name in out else self._mask_sources[name]) * mask
         return out
 
+    def _find_aliases(self) -> dict[str, list[str]]:
+        """Other names of a tensor that live on a *different* module (a parameter tied between two layers); a
+        module shared under two names is one object, so setting the tensor once covers both."""
+        first: dict[int, str] = {}
+        owners: dict[int, set[int]] = {}
+        aliases: dict[str, list[str]] = {}
+        named = list(self.trunk.named_parameters(remove_duplicate=False))
+        for n, t in named + list(self.trunk.named_buffers(remove_duplicate=False)):
+            owner = id(self.trunk.get_submodule(n.rpartition(".")[0]))
+            if id(t) not in first:
+                first[id(t)], owners[id(t)] = n, {owner}
+            elif owner not in owners[id(t)]:
+                owners[id(t)].add(owner)
+                aliases.setdefault(first[id(t)], []).append(n)
+        return aliases
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.masked_tensors()
-        f = functional_call(self.trunk, tensors, (x,), strict=False) if tensors else self.trunk(x)
+        if tensors:
+            # tie_weights=False: torch's tied-weights path leaves the substituted tensor behind in a module shared
+            # under two names (CoaT's parallel blocks); true ties are passed under each name instead
+            aliases = self._alias_map
+            tensors.update({a: tensors[n] for n in list(tensors) for a in aliases.get(n, ())})
+        f = functional_call(self.trunk, tensors, (x,), strict=False, tie_weights=False) if tensors else self.trunk(x)
         if self._feature_mask is not None:
             f = f * self._feature_mask
         return f

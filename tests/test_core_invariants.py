@@ -115,3 +115,41 @@ def test_removal_semantics_layernorm(model, randomized_norms):
             naive = learner.model(x, k)
         assert float((naive - sliced).abs().max()) > 1e-4
     assert norm_checked > 0, "no task removed channels under a LayerNorm"
+
+
+class _Shared(torch.nn.Module):
+    """One block used twice (CoaT shares its parallel blocks' MLP) and a weight tied between two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Linear(6, 6)
+        self.again = self.block
+        self.a = torch.nn.Linear(6, 6, bias=False)
+        self.b = torch.nn.Linear(6, 6, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(self.again(torch.relu(self.block(x))))))
+
+
+def test_a_masked_forward_leaves_shared_and_tied_tensors_in_place():
+    """A masked forward through a module shared under two names leaves the module's own Parameter behind (torch's
+    tied-weights path left the masked product in it, so growth and training later wrote to a tensor nothing used),
+    and a weight tied between two layers is masked in both."""
+    from anpyc.masked import MaskedModel
+
+    torch.manual_seed(0)
+    net = _Shared()
+    params = {n: p for n, p in net.named_parameters()}
+    assert sorted(params) == ["a.weight", "block.bias", "block.weight"]
+    mm = MaskedModel(net, 6)
+    row = torch.ones(6, 6)
+    row[2] = 0
+    mm.set_masks({"block.weight": row, "a.weight": row}, {}, None)
+    x = torch.randn(3, 6)
+    y = mm.features(x)
+    assert net.block.weight is params["block.weight"] and isinstance(net.block.weight, torch.nn.Parameter)
+    assert net.b.weight is params["a.weight"]
+    w, bias, t = params["block.weight"] * row, params["block.bias"], params["a.weight"] * row
+    want = torch.relu((torch.relu(x @ w.T + bias) @ w.T + bias) @ t.T) @ t.T
+    assert torch.allclose(y, want, atol=1e-6), (y - want).abs().max()
