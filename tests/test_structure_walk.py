@@ -328,3 +328,101 @@ def test_groups_that_conflict_only_together_lose_only_the_conflict(monkeypatch):
     kept, bad = verify_groups(net, s, x)
     assert list(bad) == [b] and bad[b] == "fails only together with other groups (max abs diff 0.5)"
     assert sorted(set(names) - set(bad)) == sorted([n for n in names if n != b])
+
+
+class _Recurrent(nn.Module):
+    """An LSTM between two linear layers (as Sequencer's token mixer)."""
+
+    def __init__(self, bidirectional: bool):
+        super().__init__()
+        self.embed = nn.Linear(4, 6)
+        self.rnn = nn.LSTM(6, 5, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(10 if bidirectional else 5, 7)
+
+    def forward(self, x):
+        y, _ = self.rnn(self.embed(x))
+        return self.head(y).mean(1)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_lstm_loses_input_features_and_hidden_units(bidirectional):
+    """An LSTM's input features are units, and so are the hidden units of a one-way LSTM (a two-way one keeps
+    its hidden size: both directions must keep the same); every random subset slices to the masked features."""
+    from anpyc.structure.slicing import slice_trunk
+
+    torch.manual_seed(0)
+    net = _Recurrent(bidirectional).eval()
+    x = torch.randn(2, 5, 4)
+    s = walk(net, x)
+    sizes = {g.name: g.size for g in s.groups}
+    assert sizes == ({"embed": 6, "head": 7} if bidirectional else {"embed": 6, "rnn": 5, "head": 7}), s.rejected
+    for active in _random_masks(s, 3, seed=1):
+        rep = parity(net, s, active, x)
+        assert rep.ok and rep.max_abs_diff <= 1e-5, rep
+        sliced = slice_trunk(net, s, active)
+        kept = {g.name: int(active[g.offset: g.offset + g.size].sum()) for g in s.groups}
+        assert sliced.rnn.input_size == kept["embed"]
+        assert sliced.rnn.hidden_size == kept.get("rnn", 5)
+
+
+class _PerHeadBiasMlp(nn.Module):
+    """A helper inside an attention module with its own head count: an MLP emitting one bias per head (timm's
+    RelPosMlp), viewed through the stored count."""
+
+    def __init__(self, num_heads: int, tokens: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.fc1 = nn.Linear(2, 16)
+        self.fc2 = nn.Linear(16, num_heads)
+        self.register_buffer("coords", torch.randn(tokens * tokens, 2), persistent=False)
+
+    def forward(self, attn):
+        bias = self.fc2(torch.relu(self.fc1(self.coords))).view(-1, self.num_heads)
+        n = attn.shape[-1]
+        return attn + bias.t().reshape(1, -1, n, n)
+
+
+class _MlpBiasAttention(_HeadBiasAttention):
+    def __init__(self, dim: int = 16, num_heads: int = 4, tokens: int = 4):
+        super().__init__(dim, num_heads, tokens)
+        del self.bias_table
+        self.head_dim = dim // num_heads
+        self.rel = _PerHeadBiasMlp(num_heads, tokens)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.rel(q @ k.transpose(-2, -1) * self.head_dim ** -0.5)
+        return self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _MlpBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.attn = _MlpBiasAttention()
+
+    def forward(self, x):
+        x = self.embed(x)
+        return (x + self.attn(x)).mean(1)
+
+
+def test_a_per_head_helper_module_follows_the_heads_of_its_attention():
+    """The helper's own head count does not make it a second attention module: its per-head outputs are cut with
+    the heads of the attention around it, and slicing updates its stored count too."""
+    from anpyc.structure.slicing import slice_trunk
+
+    torch.manual_seed(0)
+    net = _MlpBiasNet().eval()
+    x = torch.randn(2, 4, 3)
+    s = walk(net, x)
+    heads = next((g for g in s.groups if g.kind.startswith("heads")), None)
+    assert heads is not None, s.rejected
+    assert heads.size == 4 and [a.module for a in heads.attention] == ["attn", "attn.rel"]
+    fc2 = next(sl for sl in heads.slices if sl.tensor == "attn.rel.fc2.weight")
+    assert fc2.dim == 0 and fc2.units == (0, 1, 2, 3)
+    for active in _random_masks(s, 3, seed=3):
+        assert parity(net, s, active, x).ok
+        kept = int(active[heads.offset: heads.offset + heads.size].sum())
+        sliced = slice_trunk(net, s, active)
+        assert sliced.attn.num_heads == sliced.attn.rel.num_heads == kept

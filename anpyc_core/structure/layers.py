@@ -130,6 +130,37 @@ def _linear_resync(m: nn.Linear) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
+# ------------------------------------------------------------------------------------------------ recurrent
+
+def _rnn_suffixes(m: nn.RNNBase) -> list[str]:
+    return ["", "_reverse"] if m.bidirectional else [""]
+
+
+@_register(SLICE_RULES, nn.RNNBase)
+def _rnn_slices(m: nn.RNNBase, direction: str, pos: list[int]) -> list[TensorSlice] | None:
+    """An input feature is a column of the first layer's input weights. A hidden unit (output position
+    ``direction * hidden_size + j``) is row j of every gate in its direction's weights and biases plus column j of
+    its recurrent weights: with those zero its gates stay at their resting value and the unit outputs 0 at every
+    step, so masking it is removing it. Only unidirectional single-layer recurrent layers without a projection lose
+    hidden units (deeper stacks share one hidden size across layers, and so do the two directions)."""
+    if direction == "in":
+        return [TensorSlice(f"weight_ih_l0{s}", 1, tuple(pos)) for s in _rnn_suffixes(m)]
+    if m.num_layers != 1 or m.bidirectional or getattr(m, "proj_size", 0):
+        return None
+    gates = m.weight_ih_l0.shape[0] // m.hidden_size
+    src = tuple(i for _ in range(gates) for i in range(len(pos)))
+    rows = tuple(g * m.hidden_size + j for g in range(gates) for j in pos)
+    names = ["weight_ih_l0", "weight_hh_l0"] + (["bias_ih_l0", "bias_hh_l0"] if m.bias else [])
+    return [TensorSlice(n, 0, rows, src) for n in names] + [TensorSlice("weight_hh_l0", 1, tuple(pos))]
+
+
+@_register(RESYNC_RULES, nn.RNNBase)
+def _rnn_resync(m: nn.RNNBase) -> None:
+    m.input_size = m.weight_ih_l0.shape[1]
+    m.hidden_size = m.weight_hh_l0.shape[1]
+    m._init_flat_weights()
+
+
 # ------------------------------------------------------------------------------------------------ norms
 
 @_register(SLICE_RULES, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)

@@ -59,7 +59,8 @@ class _Probe(nn.Module):
 
 
 def trace_groups(trunk: nn.Module, example: torch.Tensor, num_features: int) -> list[RawGroup]:
-    """Coupled channel groups of ``trunk`` (every conv/linear output starts one), traced on ``example``.
+    """Coupled channel groups of ``trunk`` (every conv/linear output starts one, and every unidirectional LSTM's
+    hidden units), traced on ``example``.
 
     Items on the probe head carry target ``PROBE``; they mark the feature channels.
     """
@@ -129,13 +130,15 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
             limits[id(node)] = b
         return b
 
-    root_types = (nn.modules.conv._ConvNd, nn.Linear)
+    root_types = (nn.modules.conv._ConvNd, nn.Linear, nn.RNNBase)
     seen: dict[tuple, set[int]] = {}
     sides: dict[tuple, tuple] = {}  # (node id, fn) -> (node, fn)
     roots: list[tuple] = []
     for module, node in list(dg.module2node.items()):
         if not isinstance(module, root_types) or module is probe:
             continue
+        if isinstance(module, nn.RNNBase) and module.bidirectional:
+            continue  # Torch-Pruning maps only the forward half of its output to the consumers
         pruner = dg.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
