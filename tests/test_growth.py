@@ -242,3 +242,70 @@ def test_a_learner_never_widens_a_group_its_trial_widening_breaks(tmp_path):
     assert ghost not in grown and grown, grown
     assert learner._growth_verdicts[ghost].startswith("widening breaks the forward pass")
     assert min(learner.acc_test[-1]) > 0.0
+
+
+class _RelBias(torch.nn.Module):
+    """timm's RelPosBias: a per-head bias table read back through a stored shape ``(area, area, heads)``, next to
+    a stored area that a grown head count can come to equal."""
+
+    def __init__(self, heads: int, area: int = 3):
+        super().__init__()
+        self.area = area
+        self.bias_shape = (area, area, heads)
+        self.table = torch.nn.Parameter(torch.randn(5, heads))
+        self.register_buffer("index", torch.arange(area * area) % 5, persistent=False)
+
+    def forward(self, attn):
+        return attn + self.table[self.index].view(self.bias_shape).permute(2, 0, 1).unsqueeze(0)
+
+
+class _RelAttention(torch.nn.Module):
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.num_heads, self.head_dim = heads, dim // heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+        self.rel = _RelBias(heads)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        a = self.rel((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _RelNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.attn = _RelAttention()
+
+    def forward(self, x):
+        x = self.embed(x)
+        return (x + self.attn(x)).mean(1)
+
+
+def test_a_grown_head_count_equal_to_an_unrelated_stored_size_slices_exactly():
+    """Heads grown from 2 to 3 come to equal the bias module's stored area (3). Slicing the grown trunk back to 2
+    heads must rewrite only where the head count was stored, not the area that now happens to be equal."""
+    from anpyc.structure import walk
+    from anpyc.structure.growth import grow_group
+    from anpyc.structure.slicing import slice_trunk
+    from anpyc.structure.walk import parity
+
+    torch.manual_seed(0)
+    net = _RelNet().eval()
+    x = torch.randn(2, 3, 4)
+    s = walk(net, x)
+    heads = next(g for g in s.groups if g.kind.startswith("heads"))
+    assert heads.size == 2 and "attn.rel.table" in {t.tensor for t in heads.slices}
+    init = {n: p.detach().clone() for n, p in net.named_parameters()}
+    grown, _, _ = grow_group(net, s, heads.name, 1, init=init, generator=torch.Generator().manual_seed(0))
+    assert (net.attn.num_heads, net.attn.rel.area, net.attn.rel.bias_shape) == (3, 3, (3, 3, 3))
+    g = next(g for g in grown.groups if g.name == heads.name)
+    active = torch.ones(grown.num_units, dtype=torch.bool)
+    active[g.offset + 1] = False
+    sliced = slice_trunk(net, grown, active)
+    assert (sliced.attn.num_heads, sliced.attn.rel.area, sliced.attn.rel.bias_shape) == (2, 3, (3, 3, 2))
+    report = parity(net, grown, active, x)
+    assert report.ok, report

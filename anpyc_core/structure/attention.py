@@ -7,6 +7,7 @@ inside it are cut by head instead of by channel (q, k, v and output slices of on
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -34,6 +35,7 @@ class Attention:
     widths: tuple[str, ...]  # attributes equal to heads x (a per-head size)
     counts: tuple[str, ...]
     head_dim: int | None
+    helpers: tuple[AttentionSite, ...] = ()  # nested per-head modules (relative-position MLPs, ...)
 
 
 def _int_attrs(m: nn.Module) -> dict[str, int]:
@@ -44,7 +46,8 @@ def _int_attrs(m: nn.Module) -> dict[str, int]:
 def attention_modules(trunk: nn.Module) -> dict[str, Attention]:
     """Modules carrying a static head count (``num_heads``-like attribute > 1)."""
     found = {}
-    for name, m in trunk.named_modules():
+    modules = dict(trunk.named_modules())
+    for name, m in modules.items():
         counts = tuple(a for a in HEAD_COUNT_ATTRS if isinstance(getattr(m, a, None), int) and getattr(m, a) > 1)
         if not counts:
             continue
@@ -53,7 +56,17 @@ def attention_modules(trunk: nn.Module) -> dict[str, Attention]:
                          if isinstance(getattr(m, a, None), int)), None)
         widths = tuple(a for a in HEAD_WIDTH_ATTRS if head_dim is not None and getattr(m, a, None) == heads * head_dim)
         found[name] = Attention(heads, widths, tuple(a for a in counts if getattr(m, a) == heads), head_dim)
-    return found
+    # a module with the same head count but no per-head width, inside an attention module, is one of its per-head
+    # helpers (a relative-position MLP emitting one bias per head): its tensors follow the outer module's heads
+    helpers: dict[str, list[AttentionSite]] = {}
+    for n, a in found.items():
+        outer = owner_of(n, [o for o, b in found.items() if o != n and b.heads == a.heads and b.head_dim is not None])
+        if a.head_dim is None and outer is not None:
+            shaped = tuple(k for k, v in vars(modules[n]).items() if not k.startswith("_") and isinstance(v, tuple)
+                           and a.heads in v and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+            helpers.setdefault(outer, []).append(AttentionSite(n, a.heads, (), a.counts, shaped))
+    nested = {h.module for hs in helpers.values() for h in hs}
+    return {n: dataclasses.replace(a, helpers=tuple(helpers.get(n, ()))) for n, a in found.items() if n not in nested}
 
 
 def owner_of(name: str, candidates: Iterable[str]) -> str | None:
@@ -163,6 +176,7 @@ def heads_group(trunk: nn.Module, a_name: str, a: Attention, members: list[Prepa
     ints = _int_attrs(module)
     width_attrs = tuple(sorted(set(a.widths) | {k for k, v in ints.items() if k not in a.counts and v in widths
                                                 and v % heads == 0}))
-    site = AttentionSite(a_name, heads, width_attrs, a.counts)
+    sites = [AttentionSite(a_name, heads, width_attrs, a.counts)]
+    sites += list(a.helpers)
     return UnitGroup(index=0, name=members[0].raw.root, kind=mode, size=heads, slices=slices, norms=norm_sites,
-                     attention=[site], unit_cost=unit_costs(slices, shapes, heads))
+                     attention=sites, unit_cost=unit_costs(slices, shapes, heads))

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .layers import has_resync_rule, resync
-from .slicing import _drop_tensor_caches, _sync_static_sizes
+from .slicing import _drop_tensor_caches, _sync_static_sizes, original_size
 from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
 
 __all__ = ["growable", "grow_group", "check_growth", "Layout"]
@@ -198,7 +198,7 @@ def grow_group(trunk: nn.Module, structure: Structure, name: str, m: int, *, ini
         probe_shape = list(old.shape)
         for d, layout in tdims.items():
             probe_shape[d] = layout.blocks * (layout.units + m) * layout.width
-            resized.setdefault(owner, {}).setdefault(int(old.shape[d]), set()).add(probe_shape[d])
+            resized.setdefault(owner, {}).setdefault(original_size(module, attr, d), set()).add(probe_shape[d])
         count = int(torch.tensor(probe_shape).prod()) - old.numel()
         fill = values[tensor] if values is not None and tensor in values else _draw(init.get(tensor), count,
                                                                                      generator, old.dtype)
@@ -221,6 +221,8 @@ def grow_group(trunk: nn.Module, structure: Structure, name: str, m: int, *, ini
         heads = getattr(module, site.count_attrs[0]) if site.count_attrs else site.num_heads
         for attr in site.width_attrs:
             setattr(module, attr, getattr(module, attr) // heads * (heads + m))
+        for attr in site.shape_attrs:
+            setattr(module, attr, tuple(heads + m if v == heads else v for v in getattr(module, attr)))
         for attr in site.count_attrs:
             setattr(module, attr, getattr(module, attr) + m)
         touched[site.module] = module

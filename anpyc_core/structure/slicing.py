@@ -28,7 +28,7 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
     model = trunk if inplace else copy.deepcopy(trunk)
     active = active.bool().cpu()
     touched: dict[str, nn.Module] = {}
-    resized: dict[str, dict[int, set[int]]] = {}  # module -> old size -> new sizes of its sliced dimensions
+    resized: dict[str, dict[int, set[int]]] = {}  # module -> original size -> new sizes of its sliced dimensions
     for_parents: dict[str, dict[int, set[int]]] = {}  # the same, from groups that also update parents
     syncing = torch.tensor([g.sync_parents for g in structure.groups] + [False], dtype=torch.bool)
     for tensor_name, dims in structure.tensor_units.items():
@@ -38,7 +38,7 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         new = old.detach()
         for dim, ids in sorted(dims.items()):
             new = new.index_select(dim, kept_positions(ids, active).to(new.device))
-            change = (int(old.shape[dim]), int(new.shape[dim]))
+            change = (original_size(module, attr, dim), int(new.shape[dim]))
             resized.setdefault(owner, {}).setdefault(change[0], set()).add(change[1])
             groups = structure.unit_group[ids[ids >= 0]] if bool((ids >= 0).any()) else torch.zeros(0, dtype=torch.long)
             if groups.numel() and bool(syncing[groups].all()):
@@ -73,6 +73,9 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         kept = int(active[group.offset: group.offset + group.size].sum())
         for site in group.attention:
             module = model.get_submodule(site.module)
+            heads = getattr(module, site.count_attrs[0]) if site.count_attrs else site.num_heads
+            for attr in site.shape_attrs:
+                setattr(module, attr, tuple(kept if v == heads else v for v in getattr(module, attr)))
             for attr in site.count_attrs:
                 setattr(module, attr, kept)
             for attr in site.width_attrs:
@@ -83,21 +86,36 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
     return model
 
 
+def original_size(module: nn.Module, attr: str, dim: int) -> int:
+    """The size of dimension ``dim`` of ``module``'s tensor ``attr`` before anpyc first resized it (call it before
+    replacing the tensor). Widths a module stores are matched against these, not against its current sizes: a
+    grown module whose width came to equal an unrelated stored number (4 heads, a window area of 4) must not
+    rewrite that number when it is sliced."""
+    shapes = module.__dict__.setdefault("_anpyc_shapes", {})
+    return shapes.setdefault(attr, tuple(getattr(module, attr).shape))[dim]
+
+
+def _ints(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _sync_static_sizes(module: nn.Module, resized: dict[int, set[int]]) -> None:
     """A module without a layer rule that stores its width (``self.shape = (dim, 1, 1)``, ``self.dim = dim``) gets
-    the new width wherever the old one was stored, when the old width maps to exactly one new width."""
-    changes = {old: next(iter(new)) for old, new in resized.items() if len(new) == 1 and next(iter(new)) != old}
+    the new width wherever it stored the original one (``resized``: original size -> new sizes; see
+    :func:`original_size`), when the original width maps to exactly one new width."""
+    changes = {old: next(iter(new)) for old, new in resized.items() if len(new) == 1}
     if not changes:
         return
-    for attr, value in list(vars(module).items()):
-        if attr.startswith("_") or isinstance(value, bool) or attr in HEAD_COUNT_ATTRS:
-            continue
-        if isinstance(value, int) and value in changes:
+    original = module.__dict__.setdefault("_anpyc_attrs", {
+        k: v for k, v in vars(module).items() if not k.startswith("_") and k not in HEAD_COUNT_ATTRS
+        and (_ints(v) or (isinstance(v, (tuple, list)) and v and all(_ints(x) for x in v)))})
+    for attr, value in original.items():
+        current = getattr(module, attr, None)
+        if _ints(value) and value in changes and _ints(current):
             setattr(module, attr, changes[value])
-        elif isinstance(value, (tuple, list)) and value and all(isinstance(v, int) and not isinstance(v, bool)
-                                                                 for v in value):
+        elif isinstance(value, (tuple, list)) and type(current) is type(value) and len(current) == len(value):
             if any(v in changes for v in value):
-                setattr(module, attr, type(value)(changes.get(v, v) for v in value))
+                setattr(module, attr, type(value)(changes.get(v, c) for v, c in zip(value, current)))
 
 
 def _drop_tensor_caches(module: nn.Module) -> None:

@@ -58,6 +58,7 @@ class AttentionSite:
     num_heads: int
     width_attrs: tuple[str, ...]  # attributes equal to num_heads * head_dim
     count_attrs: tuple[str, ...]  # attributes equal to num_heads
+    shape_attrs: tuple[str, ...] = ()  # int tuples holding num_heads (``self.bias_shape = (area, area, heads)``)
 
 
 def unit_costs(slices: Iterable[TensorSlice], shapes: dict, n_units: int) -> torch.Tensor:
