@@ -204,7 +204,8 @@ def _components(dg, names: dict, pnames: dict, probe: nn.Module, problems: dict[
             node, fn = sides[key]
             target = node.module
             positions = sorted(seen[key])
-            cls = [classes.setdefault(triples.find(ids[key + (p,)]), len(classes)) for p in positions]
+            # a side no dependency reached back (a root whose output only feeds untraced ops) has channels of its own
+            cls = [classes.setdefault(triples.find(tid(key + (p,))), len(classes)) for p in positions]
             if isinstance(target, nn.Parameter):
                 name = pnames.get(id(target))
                 if name is not None:
