@@ -426,3 +426,58 @@ def test_a_per_head_helper_module_follows_the_heads_of_its_attention():
         kept = int(active[heads.offset: heads.offset + heads.size].sum())
         sliced = slice_trunk(net, s, active)
         assert sliced.attn.num_heads == sliced.attn.rel.num_heads == kept
+
+
+class _HeadMajorAttention(nn.Module):
+    """TinyViT's layout: the fused projection is cut into heads first (``view(b, n, heads, -1)``), then into q, k
+    and v; no ``head_dim`` attribute says which layout it is."""
+
+    def __init__(self, dim: int = 16, num_heads: int = 4):
+        super().__init__()
+        self.num_heads, self.key_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).split([self.key_dim] * 3, dim=3)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        a = (q @ k.transpose(-2, -1) * self.key_dim ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class _Damped(nn.Module):
+    """The attention followed by layers initialised as small as timm's (std 0.02): a wrong head layout differs by
+    O(1) inside the attention and by far less than the parity tolerance at the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 16)
+        self.attn = _HeadMajorAttention()
+        self.tail = nn.Sequential(*[nn.Linear(16, 16) for _ in range(5)])
+        for m in self.tail:
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.constant_(m.bias, 0.5)
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.tail(x + self.attn(x)).mean(1)
+
+
+def test_verification_sees_through_layers_that_shrink_a_difference():
+    """The walk verifies on a copy with unit-gain weights, so the standard head layout fails on this head-major
+    attention and the walk settles on ``heads-major``, which stays exact on any weights."""
+    import copy
+
+    from anpyc.structure.walk import randomize_weights
+
+    torch.manual_seed(0)
+    net = _Damped().eval()
+    x = torch.randn(2, 5, 3)
+    s = walk(net, x)
+    heads = next(g for g in s.groups if g.name == "attn.qkv")
+    assert heads.kind == "heads-major", heads.kind
+    trained = randomize_weights(copy.deepcopy(net), torch.Generator().manual_seed(1))
+    for active in _random_masks(s, 3, seed=4):
+        rep = parity(trained, s, active, x)
+        assert rep.ok and rep.max_abs_diff <= 1e-5, rep

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .layers import has_resync_rule, resync
-from .slicing import _drop_tensor_caches, _sync_static_sizes, original_size
+from .slicing import _sync_static_sizes, drop_tensor_caches, original_size
 from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
 
 __all__ = ["growable", "grow_group", "check_growth", "Layout"]
@@ -113,19 +113,17 @@ def check_growth(trunk: nn.Module, structure: Structure, name: str, example: tor
                  ) -> str | None:
     """None when widening group ``name`` keeps what the trunk computes on its current units, else why not.
 
-    A copy of ``trunk`` (norms randomised, so equal outputs prove something) is widened by one unit, drawn at random
-    like a real growth, and run masked with the new unit inactive, as every earlier task runs it: its features on
-    ``example`` must match the copy's before the widening (max abs diff <= 1e-4 of their scale). ``trunk`` is not
-    changed."""
-    import copy
-
-    from .walk import close, masked_features, randomize_norms
+    A copy of ``trunk`` (:func:`~.walk.verification_probe`: weights at unit gain and norms randomised, so equal
+    outputs prove something) is widened by one unit, drawn at random like a real growth, and run masked with the
+    new unit inactive, as every earlier task runs it: its features on ``example`` must match the copy's before the
+    widening (max abs diff <= 1e-4 of their scale). ``trunk`` is not changed."""
+    from .walk import close, masked_features, verification_probe
 
     why = growable(structure, name)
     if why is not None:
         return why
     gen = torch.Generator().manual_seed(seed)
-    probe = randomize_norms(copy.deepcopy(trunk).eval(), gen)
+    probe = verification_probe(trunk, example, gen)
     group = next(g for g in structure.groups if g.name == name)
     try:
         with torch.no_grad():
@@ -227,7 +225,7 @@ def grow_group(trunk: nn.Module, structure: Structure, name: str, m: int, *, ini
             setattr(module, attr, getattr(module, attr) + m)
         touched[site.module] = module
     for module in touched.values():
-        _drop_tensor_caches(module)
+        drop_tensor_caches(module)
     return _grown_structure(structure, group, dims, m, trunk), entries, masks
 
 
