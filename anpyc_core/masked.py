@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
+from .structure.slicing import drop_tensor_caches
+
 __all__ = ["MaskedModel", "masked_layer_norm", "masked_group_norm", "masked_rms_norm", "along"]
 
 
@@ -171,6 +173,7 @@ class MaskedModel(nn.Module):
         self._norm_masks: dict[str, torch.Tensor] = {}
         self._feature_mask: torch.Tensor | None = None
         self._alias_map: dict[str, list[str]] = {}
+        self._cachers: list[nn.Module] = []
         self._stats: dict[str, torch.Tensor] = {}
         self._modes: dict[str, _MaskedNormMode] = {}
         self._hooks = []
@@ -231,6 +234,10 @@ class MaskedModel(nn.Module):
         named.update(self.trunk.named_buffers())
         self._mask_sources = {name: named[name] for name in self._tensor_masks}
         self._alias_map = self._find_aliases()
+        # modules that may cache tensors derived from their parameters in eval mode (TinyViT's and LeViT's
+        # attention-bias caches): a cache filled under another task's masks must not answer for this one
+        self._cachers = [m for m in self.trunk.modules()
+                         if any(isinstance(v, dict) and not k.startswith("_") for k, v in vars(m).items())]
         self._norm_masks = dict(norm_masks)
         self._feature_mask = feature_mask
 
@@ -271,6 +278,9 @@ class MaskedModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         tensors = self.masked_tensors()
+        if not self.training:
+            for m in self._cachers:
+                drop_tensor_caches(m)
         if tensors:
             # tie_weights=False: torch's tied-weights path leaves the substituted tensor behind in a module shared
             # under two names (CoaT's parallel blocks); true ties are passed under each name instead

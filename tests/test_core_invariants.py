@@ -153,3 +153,37 @@ def test_a_masked_forward_leaves_shared_and_tied_tensors_in_place():
     w, bias, t = params["block.weight"] * row, params["block.bias"], params["a.weight"] * row
     want = torch.relu((torch.relu(x @ w.T + bias) @ w.T + bias) @ t.T) @ t.T
     assert torch.allclose(y, want, atol=1e-6), (y - want).abs().max()
+
+
+class _CachesInEval(torch.nn.Module):
+    """Caches a tensor derived from its weight in eval mode, as TinyViT's and LeViT's attention biases do."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+        self.derived_cache = {}
+
+    def forward(self, x):
+        if self.training:
+            return x @ self.weight.T
+        if "w" not in self.derived_cache:
+            self.derived_cache["w"] = self.weight.T.clone()
+        return x @ self.derived_cache["w"]
+
+
+def test_an_eval_cache_filled_under_one_mask_does_not_answer_for_another():
+    from anpyc.masked import MaskedModel
+
+    torch.manual_seed(0)
+    net = _CachesInEval()
+    mm = MaskedModel(net, 4).eval()
+    x = torch.randn(2, 4)
+    outs = []
+    for row in (0, 1):
+        mask = torch.ones(4, 4)
+        mask[row] = 0
+        mm.set_masks({"weight": mask}, {}, None)
+        with torch.no_grad():
+            outs.append(mm.features(x))
+        assert torch.allclose(outs[-1], x @ (net.weight * mask).T), row
+    assert not torch.allclose(outs[0], outs[1])

@@ -14,7 +14,7 @@ import torch.nn as nn
 from .layers import HEAD_COUNT_ATTRS, has_resync_rule, resync
 from .units import Structure
 
-__all__ = ["slice_trunk", "kept_positions"]
+__all__ = ["slice_trunk", "kept_positions", "original_size", "drop_tensor_caches"]
 
 
 def kept_positions(unit_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -82,7 +82,7 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
                 setattr(module, attr, getattr(module, attr) // site.num_heads * kept)
             touched[site.module] = module
     for module in touched.values():
-        _drop_tensor_caches(module)
+        drop_tensor_caches(module)
     return model
 
 
@@ -118,7 +118,7 @@ def _sync_static_sizes(module: nn.Module, resized: dict[int, set[int]]) -> None:
                 setattr(module, attr, type(value)(changes.get(v, c) for v, c in zip(value, current)))
 
 
-def _drop_tensor_caches(module: nn.Module) -> None:
+def drop_tensor_caches(module: nn.Module) -> None:
     """Forget caches of derived tensors (e.g. attention biases cached per device in eval mode): they were computed
     from the tensors before slicing."""
     for attr, value in list(vars(module).items()):
