@@ -63,19 +63,31 @@ def max_abs_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> float:
 
 
 def _export_dynamo(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:
+    """The dynamo exporter; when its graph optimiser leaves an invalid graph (gemma4_vit: a Clip reading a value
+    no earlier node produces), the same export again without the optimiser."""
+    import onnx
+
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(
-        module,
-        (example,),
-        str(path),
-        dynamo=True,
-        external_data=False,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
-        opset_version=opset,
-        verbose=False,
-    )
+    for optimize in (True, False):
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=True,
+            external_data=False,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            optimize=optimize,
+            verbose=False,
+        )
+        try:
+            onnx.checker.check_model(str(path))
+            return
+        except onnx.checker.ValidationError:
+            if not optimize:
+                raise
 
 
 def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path, opset: int | None) -> None:

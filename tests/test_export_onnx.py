@@ -204,6 +204,27 @@ def test_fallback_to_torchscript_is_recorded(tmp_path, monkeypatch):
     assert np.abs(load_export(tmp_path).logits(0, x) - ref).max() <= 1e-4
 
 
+def test_an_optimiser_that_breaks_the_graph_is_retried_without_it(tmp_path, monkeypatch):
+    """The dynamo exporter's optimiser can leave a node reading a value nothing produces (gemma4_vit); the same
+    export without the optimiser is kept, still as the dynamo exporter, with parity."""
+    real = torch.onnx.export
+    calls = []
+
+    def export(*args, optimize=True, **kwargs):
+        calls.append(optimize)
+        real(*args, optimize=optimize, **kwargs)
+        if optimize:  # what the broken optimiser wrote: a node whose input no earlier node produces
+            model = onnx.load(args[2])
+            model.graph.node.append(onnx.helper.make_node("Relu", ["never_produced"], ["dangling"]))
+            onnx.save(model, args[2])
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    s = export_task(mlp_source(), 0, tmp_path)
+    assert calls == [True, False]
+    assert s["exporter"] == "dynamo" and s["exporter_fallback_reason"] is None
+    assert s["parity"]["max_abs_diff"] <= 1e-4
+
+
 def test_onnx_numeric_mismatch_is_a_parity_error(tmp_path):
     # At atol 1e-9 float32 rounding between torch and onnxruntime already exceeds the tolerance.
     with pytest.raises(ParityError, match="differs from the torch subnetwork by .* with every exporter"):
