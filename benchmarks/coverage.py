@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -258,10 +259,14 @@ def render_families(families: list[dict], results: dict[str, dict], command: str
     passed = [f for f, r in rows if r.get("ok")]
     missing = sum(1 for _, r in rows if r.get("stage") == "missing")
     shares = sorted(r.get("prunable_fraction", 0.0) for _, r in rows if r.get("ok"))
+    # rows keep the commit they were checked at: a rerun of some families leaves the others as they were
+    commits = Counter(r.get("commit", "unrecorded") for _, r in rows if r.get("stage") != "missing")
+    at = (f"Commit {next(iter(commits))}" if len(commits) == 1 else
+          "Rows checked at commits " + ", ".join(f"{c} ({n})" for c, n in commits.most_common()))
     lines = [
         f"`{command}`",
         "",
-        f"Commit {git_commit()}, {machine()}. For every model module of timm "
+        f"{at}, {machine()}. For every model module of timm "
         f"{_timm_version()} the model with the fewest parameters (counted on the meta device), random init "
         "(`pretrained=False`), at the smallest input side it accepts (32 px first, else the fixed size it was built "
         "for). Each model runs `anpyc check`'s pipeline in its own process: walk (every group verified by "
@@ -339,11 +344,12 @@ def main_families(args) -> int:
     cmd_args = ["--families", "--jobs", str(args.jobs), "--threads", str(args.threads), "--steps", str(args.steps),
                 "--timeout", f"{args.timeout:g}"]
     command = command_line("coverage.py", cmd_args)
+    commit = git_commit()
 
     def check(f: dict) -> None:
         r = _run_one(f["model"], timeout=args.timeout, threads=args.threads, steps=args.steps, tmp=tmp)
         with lock:
-            results[f["family"]] = dict(r, family=f["family"], command=command)
+            results[f["family"]] = dict(r, family=f["family"], command=command, commit=commit)
             n = sum(1 for k in results if k in order)
         print(f"[{n}] {f['family']} ({f['model']}): {'ok' if r.get('ok') else r.get('reason')} "
               f"({r.get('seconds', 0):.0f} s)", flush=True)
@@ -367,8 +373,6 @@ def main_families(args) -> int:
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    from collections import Counter
-
     used = Counter(r["command"] for r in results.values() if r.get("command"))
     body = render_families(families, results, used.most_common(1)[0][0] if args.render_only and used else command)
     if args.no_write:
