@@ -260,7 +260,7 @@ def render_families(families: list[dict], results: dict[str, dict], command: str
     missing = sum(1 for _, r in rows if r.get("stage") == "missing")
     shares = sorted(r.get("prunable_fraction", 0.0) for _, r in rows if r.get("ok"))
     # rows keep the commit they were checked at: a rerun of some families leaves the others as they were
-    commits = Counter(r.get("commit", "unrecorded") for _, r in rows if r.get("stage") != "missing")
+    commits = Counter(r.get("commit", "an earlier one, not recorded") for _, r in rows if r.get("stage") != "missing")
     at = (f"Commit {next(iter(commits))}" if len(commits) == 1 else
           "Rows checked at commits " + ", ".join(f"{c} ({n})" for c, n in commits.most_common()))
     lines = [
@@ -270,7 +270,7 @@ def render_families(families: list[dict], results: dict[str, dict], command: str
         f"{_timm_version()} the model with the fewest parameters (counted on the meta device), random init "
         "(`pretrained=False`), at the smallest input side it accepts (32 px first, else the fixed size it was built "
         "for). Each model runs `anpyc check`'s pipeline in its own process: walk (every group verified by "
-        "masked-vs-sliced parity), two synthetic tasks learned and pruned to about half of their units, every task "
+        "masked-vs-sliced parity on a copy with unit-gain weights and random norms), two synthetic tasks learned and pruned to about half of their units, every task "
         "exported to ONNX and compared with the masked model in onnxruntime (max abs diff <= 1e-4). A family passes "
         f"when all of that succeeds and at least {MIN_PRUNABLE:.0%} of the trunk's parameters are in maskable "
         "groups (`anpyc check`'s default `--min-prunable`).",
