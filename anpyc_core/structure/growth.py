@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .layers import has_resync_rule, resync
-from .slicing import _sync_static_sizes, drop_tensor_caches, original_size
+from .slicing import _sync_static_sizes, drop_tensor_caches, original_size, set_site_heads
 from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
 
 __all__ = ["growable", "grow_group", "check_growth", "Layout"]
@@ -217,12 +217,7 @@ def grow_group(trunk: nn.Module, structure: Structure, name: str, m: int, *, ini
     for site in group.attention:
         module = trunk.get_submodule(site.module)
         heads = getattr(module, site.count_attrs[0]) if site.count_attrs else site.num_heads
-        for attr in site.width_attrs:
-            setattr(module, attr, getattr(module, attr) // heads * (heads + m))
-        for attr in site.shape_attrs:
-            setattr(module, attr, tuple(heads + m if v == heads else v for v in getattr(module, attr)))
-        for attr in site.count_attrs:
-            setattr(module, attr, getattr(module, attr) + m)
+        set_site_heads(module, site, heads + m)
         touched[site.module] = module
     for module in touched.values():
         drop_tensor_caches(module)

@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 from .layers import HEAD_COUNT_ATTRS, has_resync_rule, resync
-from .units import Structure
+from .units import AttentionSite, Structure
 
-__all__ = ["slice_trunk", "kept_positions", "original_size", "drop_tensor_caches"]
+__all__ = ["slice_trunk", "kept_positions", "original_size", "drop_tensor_caches", "set_site_heads"]
 
 
 def kept_positions(unit_ids: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -73,17 +73,23 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
         kept = int(active[group.offset: group.offset + group.size].sum())
         for site in group.attention:
             module = model.get_submodule(site.module)
-            heads = getattr(module, site.count_attrs[0]) if site.count_attrs else site.num_heads
-            for attr in site.shape_attrs:
-                setattr(module, attr, tuple(kept if v == heads else v for v in getattr(module, attr)))
-            for attr in site.count_attrs:
-                setattr(module, attr, kept)
-            for attr in site.width_attrs:
-                setattr(module, attr, getattr(module, attr) // site.num_heads * kept)
+            set_site_heads(module, site, kept)
             touched[site.module] = module
     for module in touched.values():
         drop_tensor_caches(module)
     return model
+
+
+def set_site_heads(module: nn.Module, site: AttentionSite, heads: int) -> None:
+    """Give an attention site's static head attributes ``heads`` heads: its counts, its widths (count x per-head
+    size) and the head count inside its shape tuples."""
+    current = getattr(module, site.count_attrs[0]) if site.count_attrs else site.num_heads
+    for attr in site.width_attrs:
+        setattr(module, attr, getattr(module, attr) // current * heads)
+    for attr in site.shape_attrs:
+        setattr(module, attr, tuple(heads if v == current else v for v in getattr(module, attr)))
+    for attr in site.count_attrs:
+        setattr(module, attr, heads)
 
 
 def original_size(module: nn.Module, attr: str, dim: int) -> int:
