@@ -270,8 +270,8 @@ def render_families(families: list[dict], results: dict[str, dict], command: str
         f"{_timm_version()} the model with the fewest parameters (counted on the meta device), random init "
         "(`pretrained=False`), at the smallest input side it accepts (32 px first, else the fixed size it was built "
         "for). Each model runs `anpyc check`'s pipeline in its own process: walk (every group verified by "
-        "masked-vs-sliced parity on a copy with unit-gain weights and random norms), two synthetic tasks learned and pruned to about half of their units, every task "
-        "exported to ONNX and compared with the masked model in onnxruntime (max abs diff <= 1e-4). A family passes "
+        "masked-vs-sliced parity on a copy with unit-gain weights and random norms), two synthetic tasks learned "
+        "and pruned to about half of their units, every task exported to ONNX and compared with the masked model in onnxruntime (max abs diff <= 1e-4). A family passes "
         f"when all of that succeeds and at least {MIN_PRUNABLE:.0%} of the trunk's parameters are in maskable "
         "groups (`anpyc check`'s default `--min-prunable`).",
         "",
