@@ -28,10 +28,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .errors import ModelError, RunDirError
+from .errors import ModelError, RunDirError, clip
 from .registry import Registry
 from .task import InputSpec
-from .weights import PRETRAINED, load_weights_file, pretrained_record, weights_choice
+from .weights import PRETRAINED, load_weights_file, online_access, pretrained_record, weights_choice
 
 __all__ = ["BACKBONES", "create_backbone", "list_backbones", "is_known", "MLP", "SimpleCNN", "as_trunk", "build_trunk",
            "backbone_record", "custom_record", "name_from_record", "WEIGHT_OPTIONS", "LEGACY_FACTORY", "is_hub_name",
@@ -160,12 +160,14 @@ def _create_timm(name: str, kw: dict[str, Any]) -> nn.Module:
     """``timm.create_model``; when it goes online (pretrained weights, a hub model) its failures are user errors."""
     import timm
 
-    if not (kw.get("pretrained") or is_hub_name(name)):
+    hub = is_hub_name(name)
+    if not (kw.get("pretrained") or hub):
         return timm.create_model(name, **kw)
     try:
-        return timm.create_model(name, **kw)
+        with online_access(name, hub=hub):
+            return timm.create_model(name, **kw)
     except (OSError, RuntimeError, ValueError, AssertionError) as e:  # network, hub, missing weights
-        first = (str(e).strip().splitlines() or [""])[0][:160]
+        first = clip((str(e).strip().splitlines() or [""])[0], 160)
         what = "pretrained weights of" if kw.get("pretrained") else "hub model"
         raise ModelError(f"cannot load the {what} {name!r} ({type(e).__name__}: {first})",
                          "check the name and the network connection, or download the weights and pass "
@@ -304,18 +306,18 @@ def name_from_record(record: Any, where: str) -> tuple[str, dict[str, Any]] | No
         elif factory == LEGACY_FACTORY:
             source = "name"
         else:
-            raise RunDirError(f"{where} names the backbone factory {str(factory)[:80]!r}; anpyc builds a run's "
+            raise RunDirError(f"{where} names the backbone factory {clip(factory, 80)!r}; anpyc builds a run's "
                               "backbone only from a registered or timm model name, never from code a file names", fix)
     if source == "custom":
         return None
     if source != "name":
-        raise RunDirError(f"{where} has backbone source {str(source)[:40]!r} (expected 'name' or 'custom')", fix)
+        raise RunDirError(f"{where} has backbone source {clip(source, 40)!r} (expected 'name' or 'custom')", fix)
     name, kwargs = record.get("name"), record.get("kwargs") or {}
     if isinstance(name, str) and name.startswith(HUB_PREFIXES):
-        raise RunDirError(f"{where} names the hub model {name[:80]!r}; re-opening a run never goes online",
+        raise RunDirError(f"{where} names the hub model {clip(name, 80)!r}; re-opening a run never goes online",
                           "re-create the run: anpyc records a hub model by its timm architecture")
     if not isinstance(name, str) or not name or ":" in name:
-        raise RunDirError(f"{where} names backbone {str(name)[:80]!r}, which is not a model name", fix)
+        raise RunDirError(f"{where} names backbone {clip(name, 80)!r}, which is not a model name", fix)
     if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
         raise RunDirError(f"{where} has malformed backbone options", "re-create the run")
     try:

@@ -9,6 +9,7 @@ says what is inside it (every file versioned, formats below) and what ``run.json
     stats.safetensors          stats/<task index>/<buffer>: per-task BatchNorm      anpyc.stats
     consolidation.safetensors  omega/<param>, anchor/<param>, tracker/...           anpyc.consolidation
     optimizer.safetensors      optimizer state between epochs (optional)            anpyc.optimizer
+    probes.safetensors         probe inputs, outputs/<task index> recorded at its end  anpyc.probes
     state.json                 cursor, task records, accuracy matrices, history
 
 plus ``init.safetensors`` (``anpyc.init``) beside the generations: the trunk at initialisation (its parameters by
@@ -26,9 +27,10 @@ from . import __version__
 from .backbones import RECORD_INFO, name_from_record
 from .config import LearnerConfig, from_dict, to_dict
 from .dist import context
-from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged
+from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged, clip
 from .fileio import atomic_write_json, finite, read_json
 from .growth import apply_growth
+from .invariant import PROBES_FORMAT, Probes
 from .maskfile import load_masks, save_masks
 from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
 from .task import InputSpec
@@ -143,6 +145,10 @@ def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = 
         save_tensors(d / "growth.safetensors", learner.growth_values, fmt="anpyc.growth", version=1,
                      schema={"events": [e.to_dict() for e in learner.growth],
                              "what": "new entries of every tensor each widening added, '<event>/<tensor>'"})
+    save_tensors(d / "probes.safetensors", learner.probes.tensors(), fmt=PROBES_FORMAT, version=1,
+                 schema={"tasks": {str(r["index"]): r["id"] for r in learner.tasks},
+                         "what": "inputs: the probe batch; outputs/<task index>: the task's outputs when it ended "
+                                 "(anpyc.invariant checks every later state against them)"})
     if opt is not None:
         flat, meta = flatten_optimizer(opt)
         save_tensors(d / "optimizer.safetensors", flat, fmt="anpyc.optimizer", version=1, schema=meta)
@@ -167,7 +173,7 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
     state = read_json(d / "state.json", what="run state")
     phase = (state.get("cursor") or {}).get("phase") if isinstance(state, dict) else None
     if phase not in PHASES:
-        raise StateFileError(f"run state in {d} has cursor phase {str(phase)[:40]!r}, not one of {list(PHASES)}",
+        raise StateFileError(f"run state in {d} has cursor phase {clip(phase, 40)!r}, not one of {list(PHASES)}",
                              "restore the run or re-train")
     learner.cursor, learner.tasks = state["cursor"], state["tasks"]
     learner.acc_test, learner.acc_val, learner.history = state["acc_test"], state["acc_val"], state["history"]
@@ -188,6 +194,9 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
     learner.omega = {k[6:]: v.to(learner.device) for k, v in cons.items() if k.startswith("omega/")}
     learner.anchor = {k[7:]: v.to(learner.device) for k, v in cons.items() if k.startswith("anchor/")}
     learner.tracker.load_state({k[8:]: v for k, v in cons.items() if k.startswith("tracker/")})
+    if (d / "probes.safetensors").exists():  # runs written before the run-time check have none
+        probes, _ = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
+        learner.probes = Probes.from_tensors(probes, tuple(learner.input_spec.shape), str(d / "probes.safetensors"))
     if (d / "optimizer.safetensors").exists():
         flat, meta = load_tensors(d / "optimizer.safetensors", fmt="anpyc.optimizer")
         learner._optim_state = unflatten_optimizer(flat, meta.get("schema") or {}, learner.device)
@@ -256,7 +265,7 @@ def _replay_growth(learner: "ContinualLearner", manifest: dict, run: RunDir | No
             k, task, group, units = int(e["index"]), int(e["task"]), str(e["group"]), int(e["units"])
             free, reason = int(e.get("free", 0)), str(e.get("reason", ""))
         except (KeyError, TypeError, ValueError):
-            raise StateFileError(f"run {out_dir} has a malformed growth record ({str(e)[:80]})",
+            raise StateFileError(f"run {out_dir} has a malformed growth record ({clip(e, 80)})",
                                  "restore the run directory") from None
         try:
             apply_growth(learner, k, task, {group: (units, free)}, values=values, reason=reason)

@@ -7,7 +7,20 @@ bug in anpyc and keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["AnpycError", "ConfigError", "DataError", "RunDirError", "StateFileError", "ModelError", "TrainingDiverged"]
+__all__ = ["clip", "AnpycError", "ConfigError", "DataError", "RunDirError", "StateFileError", "ModelError", "TrainingDiverged",
+           "InvariantViolation"]
+
+
+def clip(text: object, limit: int = 160) -> str:
+    """``text`` on one line and at most ``limit`` characters: a longer text is cut at the last word boundary before
+    the limit and ends in "...", so an error message is never cut mid-word (one word longer than the limit alone is
+    cut, and the "..." says so)."""
+    line = " ".join(str(text).split())
+    if len(line) <= limit:
+        return line
+    cut = line.rfind(" ", 0, max(1, limit - 3) + 1)
+    head = line[:cut] if cut > 0 else line[:max(1, limit - 3)]
+    return head.rstrip(" ,;:(") + "..."
 
 
 class AnpycError(Exception):
@@ -46,3 +59,7 @@ class ModelError(AnpycError):
 
 class TrainingDiverged(AnpycError):
     """The loss became NaN/inf; the last good state was kept."""
+
+
+class InvariantViolation(AnpycError):
+    """An operation changed a task that the method promises to keep exact; the run stopped before saving."""

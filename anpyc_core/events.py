@@ -116,6 +116,7 @@ class TaskEnd(Event):
     capacity: float
     params: int
     flops: int
+    drift: dict[str, float] | None = _optional()  # per earlier task id: the largest change of its probe outputs
 
 
 EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (TaskStart, Grow, Epoch, Eval, PruneStep, TaskEnd)}

@@ -36,6 +36,7 @@ from .events import Epoch, Eval, Event, Grow, TaskEnd, TaskStart
 from .fileio import append_jsonl, atomic_write_json, finite
 from .growth import GrowthEvent, apply_growth, plan_growth
 from .importance import create_importance
+from .invariant import Probes, check_tasks
 from .loading import Loaders, resolve_workers
 from .masked import MaskedModel
 from .masks import MASK_SPACES, MaskSpace
@@ -160,6 +161,8 @@ class ContinualLearner(TaskOps):
         self._optimizer: torch.optim.Optimizer | None = None
         self._optim_state: dict | None = None
         self._ddp = None
+        # the run-time check that earlier tasks stay what they were (anpyc.invariant): probe inputs, outputs per task
+        self.probes = Probes.for_shape(tuple(input_spec.shape), derive_seed(config.seed, "probe"))
 
     # ================================================================================================ public API
     @property
@@ -282,9 +285,13 @@ class ContinualLearner(TaskOps):
                            "final": final, "done": False})
         self.space.make_room(k)
         plan = plan_growth(self, k)
-        for e in apply_growth(self, k, task.id, plan, reason=f"fewer free units than grow.min_free = "
-                                                               f"{self.config.grow.min_free} of the base width"):
+        grown = apply_growth(self, k, task.id, plan, reason=f"fewer free units than grow.min_free = "
+                                                             f"{self.config.grow.min_free} of the base width")
+        for e in grown:
             self._log(Grow(task=task.id, group=e.group, units=e.units, width=e.width, free=e.free, reason=e.reason))
+        if grown:
+            self._check_earlier(f"the growth of {len(grown)} group(s) at the start of task {task.id} "
+                                f"({', '.join(e.group for e in grown[:3])}{', ...' if len(grown) > 3 else ''})")
         claimed = self.space.claim_free(k)
         if self.config.reinit_free and k > 0 and bool(claimed.any()):
             with torch.no_grad():
@@ -292,6 +299,7 @@ class ContinualLearner(TaskOps):
                     p = dict(self.trunk.named_parameters()).get(name)
                     if p is not None:
                         p.copy_(torch.where(mask.to(p.device), self.init_params[name].to(p.device), p))
+            self._check_earlier(f"the re-initialisation of the units task {task.id} claimed")
         torch.manual_seed(derive_seed(self.config.seed, "head", task.id))
         self.model.add_head(k, task.num_classes)
         prev = self.stats.get(k - 1)
@@ -320,6 +328,10 @@ class ContinualLearner(TaskOps):
             if last:
                 self._optimizer = None
                 self.cursor.update(phase="prune", prune={})
+                # the running averages lag the weights of the last epochs (a few batches per epoch: a task that
+                # trains at 100% can measure 50% with them): what the task scores is measured with its statistics
+                # re-estimated, and so is the reference a strategy's guard compares with
+                self._recalibrate(task, k)
                 self.cursor["a0"] = self._val_accuracy(task, k)
                 self._log(Eval(task=task.id, phase="train_end", val_acc=self.cursor["a0"]))
                 self.save()
@@ -334,6 +346,10 @@ class ContinualLearner(TaskOps):
         self.cursor.update(phase="consolidate", prune=state)
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:
+        # the statistics the task keeps are measured on its final weights (a strategy that ended on retraining
+        # epochs left running averages; the gradual strategy's are re-estimated already, and this gives the same)
+        self._recalibrate(task, k)
+        drift = self._check_earlier(f"the training, pruning and recalibration of task {task.id}")
         self._use_task(k)
         # consolidate: the task's importance joins the accumulated importance (for the rules that read it, so a
         # hard freeze spends no importance pass here); freed elements drop theirs
@@ -357,15 +373,37 @@ class ContinualLearner(TaskOps):
             "capacity_params": self._capacity_params(), "owned_units": int((self.space.owners == k).sum()),
             **stats, "prune": {"released": prune.get("released", 0), "claim": prune.get("claim", 0),
                                "steps": len(prune.get("steps", [])), "a0": self.cursor.get("a0")},
-            "seconds": seconds,
+            "seconds": seconds, "drift": {str(self.tasks[j]["id"]): d for j, d in drift.items()},
         }
         self.history.append(rec)
+        self.probes.record(self, k, self._exact())
         self._record(task.id)["done"] = True
         self.cursor = {"task": task.id, "phase": "done"}
         self._log(TaskEnd(task=task.id, acc_row=row_test, capacity=rec["capacity"], params=rec["params"],
-                          flops=rec["flops"]))
+                          flops=rec["flops"], drift=rec["drift"]))
         self.save()
         self._write_metrics()
+
+    # ------------------------------------------------------------------ the run-time invariant (anpyc.invariant)
+    def probe_tasks(self) -> list[tuple[int, int]]:
+        return [(r["index"], r["id"]) for r in self.tasks if r.get("done")]
+
+    def sliced(self, index: int) -> nn.Module:
+        return standalone(self.model, self.space, index, self._stats_of(index), mask=self._mask_index(index))
+
+    @torch.no_grad()
+    def masked(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        self._use_task(index)
+        self.model.eval()
+        return self.model(x.to(self.device), index)
+
+    def _exact(self) -> bool:
+        """Whether the method promises every earlier task bit-identical outputs (a hard freeze, per-task masks)."""
+        return self.config.consolidation.rule == "hard" and self.config.inference != "shared"
+
+    def _check_earlier(self, operation: str) -> dict[int, float]:
+        """Every finished task against what it computed when it ended (raises under a hard freeze)."""
+        return check_tasks(self, self.probes, operation, exact=self._exact())
 
     # ================================================================================================ internals
     def _index(self, task_id: int) -> int:

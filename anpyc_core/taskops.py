@@ -131,7 +131,8 @@ class TaskOps:
     @torch.no_grad()
     def _recalibrate(self, task: Task, k: int) -> None:
         """Re-estimate the BatchNorm statistics task index ``k`` runs with on ``prune.calibration_batches`` training
-        batches (a cumulative average: after a prune step the old ones describe another network)."""
+        batches (a cumulative average: after a prune step the old ones describe another network). The batches are
+        those the task trains on (every task's under joint training)."""
         stats, n = self._stats_of(k), self.config.prune.calibration_batches
         if not stats or n == 0:
             return
@@ -145,8 +146,8 @@ class TaskOps:
             for m in modules:
                 m.momentum = None  # cumulative average over the calibration batches
             seed = derive_seed(self.config.seed, task.id, "calibrate", len(self.history))
-            for x, _ in take_batches(task.train, self.config.optim.batch_size, n, seed, self.device, self.ctx,
-                                     self.loaders.feed):
+            for x, _ in take_batches(self._train_dataset(task, k), self.config.optim.batch_size, n, seed, self.device,
+                                     self.ctx, self.loaders.feed):
                 with self.policy.autocast():
                     self.model(self.policy.inputs(x), k)
         finally:

@@ -17,17 +17,20 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
+from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, clip
 from .fileio import sha256_bytes
 
 __all__ = ["PRETRAINED", "weights_choice", "load_weights_file", "pretrained_record", "describe_weights",
-           "tensors_sha256"]
+           "tensors_sha256", "online_access", "reachable"]
 
 PRETRAINED = "pretrained"
 # Where training checkpoints keep the model's state dict, in the order timm's own loader looks (EMA weights first).
@@ -49,8 +52,8 @@ def weights_choice(weights: Any) -> str | Path | None:
 
 def _first_line(e: BaseException, limit: int = 160) -> str:
     text = str(e).strip().splitlines()
-    line = text[0] if text else ""
-    return f"{type(e).__name__}: {line[:limit]}" if line else type(e).__name__
+    line = clip(text[0], limit) if text else ""
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _read(path: Path) -> tuple[Any, bytes]:
@@ -97,7 +100,7 @@ def _state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], str | No
     where = f" under {key!r}" if key else ""
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
-            raise ModelError(f"weights file {path} has entry {str(k)[:60]!r}{where} that is a {type(v).__name__}, "
+            raise ModelError(f"weights file {path} has entry {clip(k, 60)!r}{where} that is a {type(v).__name__}, "
                              "not a tensor", "save the state dict alone: torch.save(model.state_dict(), path)")
     state = dict(obj)
     if state and all(k.startswith("module.") for k in state):
@@ -236,3 +239,80 @@ def describe_weights(record: Mapping[str, Any]) -> str:
 def _strings(value: Any) -> list[str]:
     """The strings of a list read from run.json (a record shown, never trusted to be well formed)."""
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+# ------------------------------------------------------------------------------------------------ going online
+
+REACH_TIMEOUT = 3.0  # seconds a connection to the weights' host may take before the network counts as down
+HF_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "config.json")
+
+
+def reachable(host: str, port: int = 443, timeout: float = REACH_TIMEOUT) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within ``timeout`` seconds (a failed name lookup, the usual
+    offline case, fails at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hf_cached(repo: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    return any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in files)
+
+
+def _weights_location(name: str, hub: bool) -> tuple[str, str, bool] | None:
+    """Where timm takes the weights of ``name`` from, as ``(kind, host, cached)`` (kind ``hf-hub`` or ``url``), or
+    None for a local file (timm's order: a configured file, the Hugging Face Hub, then the URL)."""
+    from huggingface_hub import constants
+
+    hf_host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if hub:
+        return "hf-hub", hf_host, _hf_cached(name.split(":", 1)[1], HF_FILES)
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return None  # timm says itself that the model has no weights
+    if cfg.file:
+        return None
+    if cfg.hf_hub_id:
+        files = ((cfg.hf_hub_filename,) if cfg.hf_hub_filename else ()) + HF_FILES
+        return "hf-hub", hf_host, _hf_cached(cfg.hf_hub_id, files)
+    if cfg.url:
+        from timm.models._hub import check_cached_file
+
+        return "url", urlparse(cfg.url).hostname or cfg.url, bool(check_cached_file(cfg.url, check_hash=False))
+    return None
+
+
+@contextmanager
+def online_access(name: str, *, hub: bool) -> Iterator[None]:
+    """Around a ``timm.create_model`` that takes weights from the network. Online, nothing changes. Offline (the
+    host cannot be reached within :data:`REACH_TIMEOUT`, or ``HF_HUB_OFFLINE`` is set), weights in the local cache
+    are loaded without asking the hub (which would retry for about a minute), and weights that are not cached fail
+    at once with one line naming ``--weights FILE``."""
+    from huggingface_hub import constants
+
+    where = _weights_location(name, hub)
+    if where is None:
+        yield
+        return
+    kind, host, cached = where
+    if not constants.HF_HUB_OFFLINE and reachable(host):
+        yield
+        return
+    what = "hub model" if hub else "pretrained weights of"
+    if not cached:
+        raise ModelError(f"cannot load the {what} {name!r}: {host} cannot be reached (offline?) and they are not in "
+                         "the local cache", "pass --weights FILE with weights saved where there is a network, or "
+                                            "run once online to fill the cache")
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True  # read at every request: the hub answers from its cache
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved

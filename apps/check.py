@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from anpyc.errors import clip
+
 __all__ = ["check_model", "find_input_size", "prunable_fraction", "unmasked_tensors", "CANDIDATE_SIZES", "STAGES",
            "MIN_PRUNABLE"]
 
@@ -128,7 +130,7 @@ def _reason_kind(reason: str) -> str:
     head = re.sub(r"\b[\w]+(\.[\w]+)+\b", "", head)  # dotted module names
     head = re.sub(r"\b\d+\b", "", head)
     head = " ".join(head.split())
-    return head or reason[:40]
+    return head or clip(reason, 40)
 
 
 def _too_little(result: dict[str, Any]) -> str:

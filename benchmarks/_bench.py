@@ -42,6 +42,7 @@ class RunSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     stream_kwargs: dict[str, Any] = field(default_factory=dict)
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None  # the trunk's initial weights (a file; its name carries its content's hash)
 
     def config(self, *, device: str, threads: int):
         from anpyc.config import method_config
@@ -50,7 +51,8 @@ class RunSpec:
         return method_config(self.preset, **{**base, **self.overrides})
 
     def key(self, cfg_dict: dict) -> str:
-        doc = json.dumps({"spec": asdict(self), "config": {k: v for k, v in cfg_dict.items()
+        spec = {k: v for k, v in asdict(self).items() if k != "weights" or v is not None}  # older keys stay valid
+        doc = json.dumps({"spec": spec, "config": {k: v for k, v in cfg_dict.items()
                                                            if k not in ("device", "threads")}},
                          sort_keys=True, default=str)
         return hashlib.sha256(doc.encode()).hexdigest()[:16]
@@ -79,7 +81,7 @@ def new_learner(spec: RunSpec, cfg, stream):
     import anpyc
 
     return anpyc.ContinualLearner(spec.backbone, input_spec=stream.input_spec, config=cfg,
-                                  model_kwargs=dict(spec.backbone_kwargs))
+                                  model_kwargs=dict(spec.backbone_kwargs), weights=spec.weights)
 
 
 def run(spec: RunSpec, *, device: str = "cpu", threads: int = 1, cache: Path | None = None, fresh: bool = False,

@@ -16,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from anpyc.errors import clip
 from anpyc.events import Epoch, Eval, Event, PruneStep, TaskEnd, TaskStart
 from anpyc.learner import Callback
 
@@ -96,7 +97,7 @@ class LiveProgress(_Base):
         p = self.progress
         if isinstance(event, TaskStart):
             self.names[event.task] = event.name
-            p.update(self.tasks_bar, description=f"task {event.task} {event.name}"[:20],
+            p.update(self.tasks_bar, description=clip(f"task {event.task} {event.name}", 20),
                      info=f"{event.claimed_units:,} free units claimed")
             p.update(self.prune_bar, visible=False)
             self.phase = None

@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from anpyc.errors import clip
+
 from .errors import ExportFailed, ParityError
 from .runtime import make_session
 
@@ -119,8 +121,8 @@ class _Mismatch(ValueError):
 
 
 def _summary(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+    text = clip(e, 300)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _verify(path: Path, inputs: Sequence[torch.Tensor], threads: int) -> list[np.ndarray]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from anpyc.errors import DataError
+from anpyc.errors import DataError, clip
 
 from .errors import ExportFailed
 from .runtime import ExportedModels, load_export, make_session
@@ -109,7 +109,7 @@ def quantize_task(export_dir: str | os.PathLike, task: int, *, mode: str = "auto
                 raise ValueError(f"the int8 model returns {out.shape} / non-finite logits")
         except Exception as e:
             raise ExportFailed(f"{mode} int8 quantization of task {t} failed ({type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:300]})",
+                               f"{clip(e, 300)})",
                                "try the other mode (dynamic/static), or serve the float32 model") from None
         data = dst.read_bytes()
 

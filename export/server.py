@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
-from anpyc.errors import AnpycError, ConfigError
+from anpyc.errors import AnpycError, ConfigError, clip
 
 from .errors import ImageReadError, InputShapeError, PayloadError, UnknownTaskError, UnsupportedMediaType
 from .runtime import ROUTING_CRITERION, ExportedModels, load_export
@@ -292,7 +292,7 @@ async def _read_inputs(request: Request) -> tuple[Any, list[str] | None]:
     try:
         form = await request.form(max_files=MAX_FILES, max_fields=MAX_FILES)
     except Exception as e:  # python-multipart / starlette parse errors
-        raise PayloadError(f"unreadable multipart body ({type(e).__name__}: {' '.join(str(e).split())[:200]})",
+        raise PayloadError(f"unreadable multipart body ({type(e).__name__}: {clip(e, 200)})",
                            "send images as multipart/form-data file fields") from None
     uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
     if not uploads:

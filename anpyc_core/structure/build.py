@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from ..errors import clip
 from .attention import attention_modules, core_members, heads_fit, heads_group, owner_of
 from .layers import norm_kind, slices_for
 from .trace import PROBE, RawGroup
@@ -141,7 +142,7 @@ def build_structure(
         try:
             prepared.append(_prepare(rg, modules, shapes, stat_modules))
         except Exception as e:  # a rule that breaks on an odd module rejects that group only
-            rejected.append(Rejected(rg.root, f"cannot read the group ({type(e).__name__}: {e})"[:300]))
+            rejected.append(Rejected(rg.root, clip(f"cannot read the group ({type(e).__name__}: {e})", 300)))
 
     # ------------------------------------------------------------ heads: traced groups inside attention modules
     by_module: dict[str, list[Prepared]] = {}
@@ -166,7 +167,7 @@ def build_structure(
             g = heads_group(trunk, a_name, attn[a_name], members, shapes, modes.get(a_name, "heads"),
                             {id(q) for q in prepared} - {id(m) for m in members}, prepared)
         except Exception as e:
-            g = f"cannot lay out heads ({type(e).__name__}: {e})"[:300]
+            g = clip(f"cannot lay out heads ({type(e).__name__}: {e})", 300)
         if isinstance(g, str):
             rejected.append(Rejected(members[0].raw.root, g))
         else:
@@ -186,7 +187,7 @@ def build_structure(
                     g.kind, g.sync_parents = f"{g.kind}{PARENTS_SUFFIX}", True
                 groups.append(g)
         except Exception as e:
-            rejected.append(Rejected(name, f"cannot build the group ({type(e).__name__}: {e})"[:300]))
+            rejected.append(Rejected(name, clip(f"cannot build the group ({type(e).__name__}: {e})", 300)))
 
     # ------------------------------------------------------------ no tensor position may belong to two groups
     claimed: dict[tuple[str, int, int], str] = {}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from ..errors import clip
 from .slicing import kept_positions
 from .units import Structure
 
@@ -127,7 +128,7 @@ def locate_break(trunk: nn.Module, structure: Structure, active: torch.Tensor, e
     try:
         sliced = slice_trunk(trunk, structure, active).eval()
     except Exception as e:
-        return Break("(slicing)", float("inf"), f"{type(e).__name__}: {e}"[:300])
+        return Break("(slicing)", float("inf"), clip(f"{type(e).__name__}: {e}", 300))
     space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
     masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
     masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
@@ -140,7 +141,7 @@ def locate_break(trunk: nn.Module, structure: Structure, active: torch.Tensor, e
                 y_got = sliced(example)
             except Exception as e:  # the module that was running when the sliced model failed
                 where = got_rec.stack[-1] if got_rec.stack else "(trunk)"
-                return Break(_name(structure, where, "output"), float("inf"), f"{type(e).__name__}: {e}"[:300])
+                return Break(_name(structure, where, "output"), float("inf"), clip(f"{type(e).__name__}: {e}", 300))
     finally:
         ref_rec.close()
         got_rec.close()

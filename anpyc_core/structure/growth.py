@@ -15,8 +15,12 @@ A module can still hold a width the rules do not see (GhostNet's ``out[:, :out_c
 when slicing, a truncation when widening): :func:`check_growth` widens a copy by one unit and checks that what the
 current units compute is unchanged, which is what growth promises every earlier task.
 
-New entries are drawn from a normal with the mean and standard deviation of the tensor's *initial* values (a
-norm's weight of ones gets ones, a conv its init scale), or taken as given when a saved growth is replayed.
+New entries of a weight are drawn from a normal with the mean and standard deviation of the tensor's *initial*
+values (a norm's weight of ones gets ones, a conv its init or pretrained scale), or taken as given when a saved
+growth is replayed. Running statistics are measured, not drawn: new channels start as a fresh BatchNorm does (mean
+0, variance 1), whatever the layer's initial statistics were. A variance drawn around a trained layer's (spread
+wide, mean near its spread) is negative for some channels, and a negative variance is NaN in the masked model of
+every earlier task, where zeroing the channel does not help (NaN * 0 is NaN).
 Because the new units are owned by the growing task, no earlier task's subnetwork contains them: the physically
 sliced model of every earlier task is the same module it was, and computes bit-identically.
 """
@@ -28,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
+from ..errors import clip
 from .layers import has_resync_rule, resync
 from .slicing import _sync_static_sizes, drop_tensor_caches, original_size, set_site_heads
 from .units import NormSite, Structure, TensorSlice, UnitGroup, unit_costs
@@ -134,7 +139,7 @@ def check_growth(trunk: nn.Module, structure: Structure, name: str, example: tor
         active[group.offset + group.size] = False
         y = masked_features(probe, grown, active, example)
     except Exception as e:  # a width the rules did not update breaks the forward pass
-        text = " ".join(str(e).split())[:200]
+        text = clip(e, 200)
         return f"widening breaks the forward pass ({type(e).__name__}: {text})"
     if y.shape != ref.shape:
         return f"widening changes the features' shape ({tuple(ref.shape)} -> {tuple(y.shape)})"
@@ -161,6 +166,17 @@ def _grown_tensor(old: torch.Tensor, dims: dict[int, Layout], m: int, fill: torc
     fresh = ~kept
     new[fresh.to(new.device)] = fill.to(dtype=new.dtype, device=new.device)
     return new, fresh
+
+
+# what a fresh BatchNorm holds (``reset_running_stats``): the value of every new entry of its running statistics
+_STAT_RESET = {"running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
+
+
+def _statistic_reset(module: nn.Module, attr: str) -> float | None:
+    """The value new entries of ``module.attr`` take when it is a running statistic, else None (drawn)."""
+    if isinstance(module, nn.modules.batchnorm._NormBase) and attr in _STAT_RESET:
+        return _STAT_RESET[attr]
+    return None
 
 
 def _draw(init: torch.Tensor | None, count: int, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -198,8 +214,13 @@ def grow_group(trunk: nn.Module, structure: Structure, name: str, m: int, *, ini
             probe_shape[d] = layout.blocks * (layout.units + m) * layout.width
             resized.setdefault(owner, {}).setdefault(original_size(module, attr, d), set()).add(probe_shape[d])
         count = int(torch.tensor(probe_shape).prod()) - old.numel()
-        fill = values[tensor] if values is not None and tensor in values else _draw(init.get(tensor), count,
-                                                                                     generator, old.dtype)
+        reset = _statistic_reset(module, attr)
+        if values is not None and tensor in values:
+            fill = values[tensor]
+        elif reset is not None:
+            fill = torch.full((count,), reset, dtype=old.dtype)
+        else:
+            fill = _draw(init.get(tensor), count, generator, old.dtype)
         if fill.numel() != count:
             raise ValueError(f"recorded growth of {tensor} has {fill.numel()} entries, the layout needs {count}")
         new, new_mask = _grown_tensor(old, tdims, m, fill)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..errors import ModelError
+from ..errors import ModelError, clip
 from .tp_patches import guarded_index_mapping
 from .unionfind import UnionFind
 
@@ -90,7 +90,7 @@ def trace_groups(trunk: nn.Module, example: torch.Tensor, num_features: int) -> 
         finally:
             trunk.train(was_training)
     if dg is None:
-        raise ModelError(f"could not trace {type(trunk).__name__} ({errors[0][:300]})",
+        raise ModelError(f"could not trace {type(trunk).__name__} ({clip(errors[0], 300)})",
                          "check that the model runs on the given input size; file an issue with the model name")
     try:
         return _components(dg, names, pnames, probe, problems)

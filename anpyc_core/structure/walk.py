@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..errors import ModelError
+from ..errors import ModelError, clip
 from .explain import Break, locate_break
 from .layers import norm_kind
 from .slicing import kept_positions, slice_trunk
@@ -136,7 +136,7 @@ def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example
     try:  # sliced first: a copy made while the masked model's norm hooks sit on the trunk would carry them along
         sliced = slice_trunk(trunk, structure, active).eval()
     except Exception as e:
-        return ParityReport(False, float("inf"), f"{type(e).__name__}: {e}"[:300])
+        return ParityReport(False, float("inf"), clip(f"{type(e).__name__}: {e}", 300))
     try:
         y_ref = masked_features(trunk, structure, active, example)
         with torch.no_grad():
@@ -146,7 +146,7 @@ def parity(trunk: nn.Module, structure: Structure, active: torch.Tensor, example
         ok, diff = close(y_ref, y_sliced)
         return ParityReport(ok, diff)
     except Exception as e:  # a slicing that breaks the module is a failed check, not a crash
-        return ParityReport(False, float("inf"), f"{type(e).__name__}: {e}"[:300])
+        return ParityReport(False, float("inf"), clip(f"{type(e).__name__}: {e}", 300))
 
 
 def masked_features(trunk: nn.Module, structure: Structure, active: torch.Tensor, example: torch.Tensor
@@ -401,7 +401,7 @@ def _annotate(structure: Structure, head_failures: dict[str, str]) -> Structure:
     rejected = []
     for r in structure.rejected:
         a = next((m for m in head_failures if r.name.startswith(m + ".")), None)
-        rejected.append(dataclasses.replace(r, reason=f"{r.reason}; as heads: {head_failures[a]}"[:400])
+        rejected.append(dataclasses.replace(r, reason=clip(f"{r.reason}; as heads: {head_failures[a]}", 400))
                         if a is not None else r)
     structure.rejected = rejected
     return structure
