@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import anpyc
+import anpyc.weights
 from anpyc.backbones import build_trunk, is_known, name_from_record
 from anpyc.errors import ModelError
 from anpyc.task import InputSpec
@@ -227,6 +228,7 @@ def local_hub(monkeypatch, files):
         return real(name, pretrained=pretrained, **kw)
 
     monkeypatch.setattr(timm, "create_model", create_model)
+    monkeypatch.setattr(anpyc.weights, "reachable", lambda *a, **k: True)  # "online": the overlay reads the file
     return calls
 
 
@@ -254,6 +256,7 @@ def test_pretrained_failures_are_one_line(monkeypatch, tmp_path):
         raise OSError("An error happened while trying to locate the file on the Hub\nsecond line")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(anpyc.weights, "reachable", lambda *a, **k: True)  # the hub answers, then the load fails
     out = tmp_path / "run"
     user_error(invoke("train", "--model", "test_resnet", "--pretrained", *SYNTH, "--out", out, *FAST),
                "cannot load the pretrained weights of 'test_resnet' (OSError: An error happened", "--weights FILE")
@@ -288,6 +291,7 @@ def test_hub_names_pass_to_timm_and_runs_record_the_architecture(monkeypatch, st
 
     monkeypatch.setattr(factory, "load_model_config_from_hf", config_from_hf)
     monkeypatch.setattr(builder, "load_state_dict_from_hf", weights_from_hf)
+    monkeypatch.setattr(anpyc.weights, "reachable", lambda *a, **k: True)  # the (mocked) hub answers
     trunk, record = build_trunk("hf-hub:someone/tiny-resnet", SPEC, None, weights="pretrained")
     # the config may be asked twice (once with img_size, which a ResNet refuses); the weights load once
     assert set(asked) == {("config", "someone/tiny-resnet"), ("weights", "someone/tiny-resnet")}
