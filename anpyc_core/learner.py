@@ -232,7 +232,7 @@ class ContinualLearner(TaskOps):
         return self.metrics()
 
     def metrics(self) -> dict:
-        """Accuracy matrices, ACC/BWT/forgetting, capacity and parameters/FLOPs per task (see METHOD.md section 5)."""
+        """Accuracy matrices, ACC/BWT/forgetting, capacity and parameters/FLOPs per task (docs/method.md, section 8)."""
         return run_metrics(self.config.method, self.backbone_name, [self.task_info(r["id"]) for r in self.tasks
                                                                      if r.get("done")],
                            self.acc_test, self.acc_val, self.history, self.space.num_units)

@@ -1,4 +1,4 @@
-"""Continual-learning metrics from an accuracy matrix (METHOD.md section 5).
+"""Continual-learning metrics from an accuracy matrix (docs/method.md, section 8).
 
 ``R[i][j]`` is the accuracy on task j after training task i (None where j > i). ACC is the mean of the last
 row, BWT the mean change of each earlier task from when it was learned to the end, forgetting the drop from

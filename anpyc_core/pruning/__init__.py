@@ -1,4 +1,4 @@
-"""The adversarial prune-retrain loop (METHOD.md section 3, generalised in section 4).
+"""The adversarial prune-retrain loop (docs/method.md, section 4).
 
 After a task trains, its claim (the units it took from the free pool) is shrunk: importance is recomputed on the
 task, the least important part of the claim is released back to the free pool, and the network retrains under
