@@ -38,7 +38,7 @@ from .growth import GrowthEvent, apply_growth, plan_growth
 from .importance import create_importance
 from .invariant import Probes, check_tasks
 from .loading import Loaders, resolve_workers
-from .masked import MaskedModel
+from .structure.masked import MaskedModel
 from .masks import MASK_SPACES, MaskSpace
 from .metrics import run_metrics
 from .precision import Policy

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .errors import StateFileError
 from .maskfile import MASKS_FORMAT, MASKS_READS, MASKS_VERSION, load_masks, save_masks, schema_tasks
-from .masked import along
+from .structure.units import along
 from .registry import Registry
 from .structure import Structure, kept_positions, slice_trunk, walk
 
@@ -235,49 +235,24 @@ class UnitSpace(MaskSpace):
         model = sub()
         return count_params(model), count_flops(model, example)
 
-    def _ext(self, values: torch.Tensor, fill) -> torch.Tensor:
-        return torch.cat([values, torch.tensor([fill], dtype=values.dtype)])
-
     def tensor_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
-        ext = self._ext(active.bool(), True)
-        out = {}
-        for name, dims in self.structure.tensor_units.items():
-            if name not in self.param_names:
-                continue  # running statistics are not masked: their channels' weights are
-            shape = self.structure.tensor_shapes[name]
-            mask = None
-            for dim, ids in dims.items():
-                m = ext[ids]
-                if bool(m.all()):
-                    continue
-                m = along(m.float(), len(shape), dim)
-                mask = m if mask is None else mask * m
-            if mask is not None:
-                out[name] = mask
-        return out
+        return self.structure.tensor_masks(active, self.param_names)
 
     def norm_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
-        ext = self._ext(active.bool(), True)
-        out = {}
-        for name, ids in self.structure.norm_units.items():
-            m = ext[ids]
-            if not bool(m.all()):
-                out[name] = m.float()
-        return out
+        return self.structure.norm_masks(active)
 
     def feature_mask(self, active: torch.Tensor) -> torch.Tensor | None:
-        m = self._ext(active.bool(), True)[self.structure.feature_unit_ids]
-        return None if bool(m.all()) else m.float()
+        return self.structure.feature_mask(active)
 
     def element_owner(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        ext = self._ext(self.owners, 0)
+        ext = self.structure.extend(self.owners, 0)
         owner = torch.zeros(shape, dtype=self.owners.dtype)
         for dim, ids in self.structure.tensor_units.get(name, {}).items():
             owner = torch.maximum(owner, along(ext[ids], len(shape), dim).expand(shape))
         return owner
 
     def touched(self, units: torch.Tensor) -> dict[str, torch.Tensor]:
-        ext = self._ext(units.bool(), False)
+        ext = self.structure.extend(units.bool(), False)
         out = {}
         for name, dims in self.structure.tensor_units.items():
             shape = self.structure.tensor_shapes[name]

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .flops import count_flops, count_params
-from .masked import MaskedModel
+from .structure.masked import MaskedModel
 from .masks import MaskSpace
 
 __all__ = ["TaskModel", "standalone", "measure"]

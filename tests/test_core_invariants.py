@@ -136,7 +136,7 @@ def test_a_masked_forward_leaves_shared_and_tied_tensors_in_place():
     """A masked forward through a module shared under two names leaves the module's own Parameter behind (torch's
     tied-weights path left the masked product in it, so growth and training later wrote to a tensor nothing used),
     and a weight tied between two layers is masked in both."""
-    from anpyc.masked import MaskedModel
+    from anpyc.structure.masked import MaskedModel
 
     torch.manual_seed(0)
     net = _Shared()
@@ -172,7 +172,7 @@ class _CachesInEval(torch.nn.Module):
 
 
 def test_an_eval_cache_filled_under_one_mask_does_not_answer_for_another():
-    from anpyc.masked import MaskedModel
+    from anpyc.structure.masked import MaskedModel
 
     torch.manual_seed(0)
     net = _CachesInEval()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import clip
+from .masked import MaskedModel
 from .slicing import kept_positions
 from .units import Structure
 
@@ -121,17 +122,15 @@ def _name(structure: Structure, module: str, kind: str) -> str:
 
 def locate_break(trunk: nn.Module, structure: Structure, active: torch.Tensor, example: torch.Tensor) -> Break:
     """The first place where the masked ``trunk`` and its slice for ``active`` compute different values."""
-    from ..masked import MaskedModel
-    from ..masks import UnitSpace
     from .slicing import slice_trunk
 
     try:
         sliced = slice_trunk(trunk, structure, active).eval()
     except Exception as e:
         return Break("(slicing)", float("inf"), clip(f"{type(e).__name__}: {e}", 300))
-    space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
     masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
-    masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
+    params = {n for n, _ in trunk.named_parameters()}
+    masked.set_masks(structure.tensor_masks(active, params), structure.norm_masks(active), structure.feature_mask(active))
     masked.eval()
     ref_rec, got_rec = _Recorder(trunk), _Recorder(sliced)
     try:

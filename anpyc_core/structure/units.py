@@ -18,7 +18,14 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "Rejected", "unit_costs"]
+__all__ = ["TensorSlice", "NormSite", "AttentionSite", "UnitGroup", "Structure", "Rejected", "unit_costs", "along"]
+
+
+def along(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
+    """The vector ``v`` shaped to broadcast along dimension ``dim`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[dim] = v.numel()
+    return v.view(shape)
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,47 @@ class Structure:
 
     def group_of(self, unit: int) -> UnitGroup:
         return self.groups[int(self.unit_group[unit])]
+
+    # ------------------------------------------------------------------ masks of a set of active units
+    def extend(self, values: torch.Tensor, fill) -> torch.Tensor:
+        """``values`` (one per unit) plus ``fill`` for position id -1 (the parts of no unit), so ``extend(v)[ids]``
+        maps any index vector of :attr:`tensor_units` to values."""
+        return torch.cat([values, torch.tensor([fill], dtype=values.dtype)])
+
+    def tensor_masks(self, active: torch.Tensor, params: set[str]) -> dict[str, torch.Tensor]:
+        """Per parameter of ``params`` that has inactive positions: a 0/1 mask that broadcasts over it. Running
+        statistics are not masked: their channels' weights are."""
+        ext = self.extend(active.bool(), True)
+        out = {}
+        for name, dims in self.tensor_units.items():
+            if name not in params:
+                continue
+            shape = self.tensor_shapes[name]
+            mask = None
+            for dim, ids in dims.items():
+                m = ext[ids]
+                if bool(m.all()):
+                    continue
+                m = along(m.float(), len(shape), dim)
+                mask = m if mask is None else mask * m
+            if mask is not None:
+                out[name] = mask
+        return out
+
+    def norm_masks(self, active: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per normalisation over channels with inactive channels: which channels it normalises over."""
+        ext = self.extend(active.bool(), True)
+        out = {}
+        for name, ids in self.norm_units.items():
+            m = ext[ids]
+            if not bool(m.all()):
+                out[name] = m.float()
+        return out
+
+    def feature_mask(self, active: torch.Tensor) -> torch.Tensor | None:
+        """The 0/1 mask of the output features, None when every feature is active."""
+        m = self.extend(active.bool(), True)[self.feature_unit_ids]
+        return None if bool(m.all()) else m.float()
 
     def fingerprint(self) -> str:
         """A hash of the trunk's tensor names/shapes and the unit layout: masks from another backbone differ."""

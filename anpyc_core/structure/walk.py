@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..errors import ModelError, clip
 from .explain import Break, locate_break
 from .layers import norm_kind
+from .masked import MaskedModel
 from .slicing import kept_positions, slice_trunk
 from .trace import trace_groups
 from .attention import HEAD_MODES
@@ -153,13 +154,11 @@ def masked_features(trunk: nn.Module, structure: Structure, active: torch.Tensor
                     ) -> torch.Tensor:
     """The features of ``trunk`` run masked to the ``active`` units (eval mode), at the kept feature positions; the
     masked model's hooks are removed again."""
-    from ..masked import MaskedModel
-    from ..masks import UnitSpace
-
-    space = UnitSpace(structure, {n for n, _ in trunk.named_parameters()})
     masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
+    params = {n for n, _ in trunk.named_parameters()}
     try:
-        masked.set_masks(space.tensor_masks(active), space.norm_masks(active), space.feature_mask(active))
+        masked.set_masks(structure.tensor_masks(active, params), structure.norm_masks(active),
+                         structure.feature_mask(active))
         masked.eval()
         with torch.no_grad():
             return masked.features(example)[:, kept_positions(structure.feature_unit_ids, active)]

@@ -22,19 +22,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from .structure.slicing import drop_tensor_caches
+from .slicing import drop_tensor_caches
+from .units import along
 
 __all__ = ["MaskedModel", "masked_layer_norm", "masked_group_norm", "masked_rms_norm", "along"]
 
 
 # ================================================================================================ masked norms
-
-def along(v: torch.Tensor, ndim: int, dim: int) -> torch.Tensor:
-    """The vector ``v`` shaped to broadcast along dimension ``dim`` of an ``ndim``-d tensor."""
-    shape = [1] * ndim
-    shape[dim] = v.numel()
-    return v.view(shape)
-
 
 def masked_layer_norm(x, mask, weight=None, bias=None, eps=1e-5):
     """LayerNorm over the last dimension, statistics over the positions where ``mask`` is 1."""
