@@ -42,7 +42,7 @@ from .structure.masked import MaskedModel
 from .masks import MASK_SPACES, MaskSpace
 from .metrics import run_metrics
 from .precision import Policy
-from .pruning import PRUNING
+from .pruning import PRUNING, Strategy
 from .pruning.host import LearnerHost
 from .rundir import RunDir
 from .structure import Structure, feature_count
@@ -309,15 +309,14 @@ class ContinualLearner(TaskOps):
         self.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
         self._log(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
 
-    def _strategy(self, task: Task):
+    def _strategy(self, task: Task) -> Strategy:
         """The prune strategy of ``task`` (none for the final task unless ``prune.prune_final``)."""
         cfg = self.config.prune
         return PRUNING.get(cfg.mode if (cfg.prune_final or not self._record(task.id).get("final")) else "none")
 
     def _train_phase(self, task: Task, k: int) -> None:
         cfg = self.config.optim
-        dense = getattr(self._strategy(task), "dense_epochs", None)  # a strategy that prunes inside the epochs
-        epochs = cfg.epochs if dense is None else dense(self.config.prune, cfg.epochs)
+        epochs = self._strategy(task).dense_epochs(self.config.prune, cfg.epochs)  # the rest are the strategy's
         while self.cursor["epoch"] < epochs:
             epoch = self.cursor["epoch"]
             res = self._run_epoch(task, k, phase="train", step=0, epoch=epoch, cfg=cfg)
@@ -339,11 +338,12 @@ class ContinualLearner(TaskOps):
                 self.save(optimizer=True)
 
     def _prune_phase(self, task: Task, k: int) -> None:
-        state = self._strategy(task)(LearnerHost(self, task, k), self.config.prune, self.cursor.get("prune") or {},
-                                     task_index=k, a0=self.cursor["a0"])
+        strategy, host = self._strategy(task), LearnerHost(self, task, k)
+        state = strategy.state(self.cursor.get("prune"), host, self.cursor["a0"])
+        state = strategy.run(host, host, self.config.prune, state, task_index=k)
         # the gradual strategy trained in the prune phase: its optimizer (and one a resume restored) ends here
         self._optimizer, self._optim_state = None, None
-        self.cursor.update(phase="consolidate", prune=state)
+        self.cursor.update(phase="consolidate", prune=state.to_dict())
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:
         # the statistics the task keeps are measured on its final weights (a strategy that ended on retraining

@@ -91,7 +91,8 @@ class KnownHost:
 
 def _run(host: KnownHost) -> dict:
     cfg = method_config("anpyc").prune
-    return PRUNING.get("gradual")(host, cfg, {}, task_index=0, a0=1.0)
+    strategy = PRUNING.get("gradual")
+    return strategy.run(host, host, cfg, strategy.start(host, 1.0), task_index=0)
 
 
 def test_gradual_measures_every_network_with_its_own_statistics():

@@ -53,8 +53,9 @@ class _Host:
 
 def _run(**cfg):
     host = _Host()
-    state = PRUNING.get("guarded")(host, PruneConfig(tolerance=0.02, max_ratio=0.99, min_step=0.05, **cfg), {},
-                                   task_index=0, a0=0.9)
+    strategy = PRUNING.get("guarded")
+    state = strategy.run(host, host, PruneConfig(tolerance=0.02, max_ratio=0.99, min_step=0.05, **cfg),
+                         strategy.start(host, 0.9), task_index=0)
     return host, state
 
 

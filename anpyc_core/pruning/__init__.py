@@ -1,18 +1,16 @@
-"""The adversarial prune-retrain loop (docs/method.md, section 4).
+"""Pruning: how a task's claim shrinks to what it keeps (docs/method.md, section 4).
 
-After a task trains, its claim (the units it took from the free pool) is shrunk: importance is recomputed on the
-task, the least important part of the claim is released back to the free pool, and the network retrains under
-consolidation. :mod:`~anpyc.pruning.base` holds the registry and the host protocol, :mod:`~anpyc.pruning.search`
-the default strategy (cheap ranking, one guarded retrain), :mod:`~anpyc.pruning.strategies` the step-wise and
-scheduled ones, :mod:`~anpyc.pruning.guard` the statistical accept/roll-back rule, :mod:`~anpyc.pruning.plan`
-capacity planning, :mod:`~anpyc.pruning.host` the learner's side of the protocol.
+A task claims every free unit when it starts; a strategy decides which of them it keeps and releases the rest to the
+free pool, for later tasks. :mod:`~anpyc.pruning.base` holds the registry, the strategies' typed state and the two
+views of a task they run on; :mod:`~anpyc.pruning.gradual` the default (pruning inside the task's epochs, then a
+guarded release), :mod:`~anpyc.pruning.search` the cheap search (ranking without retraining, one guarded retrain),
+:mod:`~anpyc.pruning.strategies` the step-wise and scheduled ones; :mod:`~anpyc.pruning.guard` the statistical
+accept/roll-back rule, :mod:`~anpyc.pruning.plan` capacity planning, :mod:`~anpyc.pruning.host` the learner's side.
 """
 
-from .base import PRUNING, PruneHost, initial_state, select_release, tolerance
-from .gradual import prune_gradual
+from . import gradual, search, strategies  # noqa: F401  (each registers its strategies)
+from .base import PRUNING, Ownership, PruneHost, PruneState, Strategy, Training, select_release, tolerance
 from .guard import GUARDS, Verdict, judge
-from .search import prune_search
-from .strategies import prune_guarded, prune_none, prune_schedule
 
-__all__ = ["PRUNING", "GUARDS", "PruneHost", "Verdict", "judge", "select_release", "tolerance", "initial_state",
-           "prune_gradual", "prune_guarded", "prune_none", "prune_schedule", "prune_search"]
+__all__ = ["PRUNING", "GUARDS", "Strategy", "PruneState", "Ownership", "Training", "PruneHost", "Verdict", "judge",
+           "select_release", "tolerance"]

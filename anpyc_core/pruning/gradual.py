@@ -30,16 +30,17 @@ state dict of every checkpoint.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
 from ..config import PruneConfig
-from ..events import PruneStep
-from .base import PRUNING, PruneHost, initial_state
+from .base import Ownership, PruneState, Strategy, Training, register
 from .guard import Verdict, judge
 from .plan import keep_set, ladder
 
-__all__ = ["prune_gradual", "ramp"]
+__all__ = ["Gradual", "GradualState", "ramp"]
 
 
 def ramp(top: float, target: float, steps: int) -> list[float]:
@@ -57,31 +58,39 @@ def _unpack(text: str, n: int) -> torch.Tensor:
     return torch.from_numpy(bits.astype(bool))
 
 
-def _keep(host: PruneHost, scores: torch.Tensor, count: int, cap: torch.Tensor) -> torch.Tensor:
-    groups, num_groups = host.unit_groups()
-    return keep_set(scores, host.claim(), groups, num_groups, cap, count, host.needed())
+def _keep(own: Ownership, scores: torch.Tensor, count: int, cap: torch.Tensor) -> torch.Tensor:
+    groups, num_groups = own.unit_groups()
+    return keep_set(scores, own.claim(), groups, num_groups, cap, count, own.needed())
 
 
-def _dense_epochs(cfg: PruneConfig, epochs: int) -> int:
-    return min(epochs, max(1, int(round(cfg.warmup * epochs))))
+@dataclass
+class GradualState(PruneState):
+    """Where the ramp stands: the next ``epoch``, the unpruned model's per-sample validation correctness (``c0``,
+    packed bits of ``n_val`` samples) and the keep fraction after each ramp epoch (``schedule``)."""
+
+    epoch: int | None = None
+    c0: str = ""
+    n_val: int = 0
+    schedule: list[float] = field(default_factory=list)
 
 
-def _smallest_unused(host: PruneHost, cfg: PruneConfig, trained: torch.Tensor, rungs: list[float], claim: int,
-                     cap: torch.Tensor) -> tuple[float, int, Verdict, torch.Tensor] | None:
+def _smallest_unused(own: Ownership, training: Training, cfg: PruneConfig, trained: torch.Tensor,
+                     rungs: list[float], claim: int, cap: torch.Tensor
+                     ) -> tuple[float, int, Verdict, torch.Tensor] | None:
     """``(keep, released, verdict, correct)`` of the smallest rung the guard accepts against the trained task
     (``None``: no rung; ``correct``: the per-sample evidence at that rung), found by bisection. Fewer units never
     serve a task better, and each rung tried is one more chance for the guard to accept a loss it cannot see (a
-    pass over every rung took the smallest of ten such chances). The host is left at the rung found."""
-    scores = host.unit_scores()
-    snap = host.snapshot()
+    pass over every rung took the smallest of ten such chances). The task is left at the rung found."""
+    scores = own.unit_scores()
+    snap = own.snapshot()
     lo, hi, best, at = -1, len(rungs), None, None  # rungs[hi] is accepted (hi == len: the budget itself)
 
     def cut(i: int) -> tuple[int, Verdict, torch.Tensor]:
-        host.restore(snap)
-        release = host.claim() & ~_keep(host, scores, max(1, int(round(rungs[i] * claim))), cap)
-        host.release(release)
-        host.recalibrate()
-        after = host.evidence_correct()
+        own.restore(snap)
+        release = own.claim() & ~_keep(own, scores, max(1, int(round(rungs[i] * claim))), cap)
+        own.release(release)
+        training.recalibrate()
+        after = training.evidence_correct()
         return int(release.sum()), judge(cfg.guard, trained, after, cfg.tolerance, cfg.confidence), after
 
     while hi - lo > 1:
@@ -93,84 +102,85 @@ def _smallest_unused(host: PruneHost, cfg: PruneConfig, trained: torch.Tensor, r
         else:
             lo = mid
     if best is None:
-        host.restore(snap)
+        own.restore(snap)
     elif at != hi:
         cut(hi)
     return best
 
 
-@PRUNING.register("gradual")
-def prune_gradual(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+@register
+class Gradual(Strategy):
     """Prune along a cubic ramp inside the task's epochs to its budget, then release what the guard finds unused."""
-    state = initial_state(state, int(host.claim().sum()), a0)
-    epochs = host.epochs()
-    dense = _dense_epochs(cfg, epochs)
-    steps = max(1, min(epochs - dense, int(round(cfg.ramp * epochs)))) if epochs > dense else 0
-    if "epoch" not in state:
-        cap, total = host.budget()
-        host.recalibrate()  # running averages lag a network that is still learning fast: measure it as it is
-        before = host.val_correct()
-        state.update(epoch=dense, c0=_pack(before), n_val=int(before.numel()),
-                     schedule=[max(f, total / max(state["claim"], 1)) for f in
-                               ramp(1.0, total / max(state["claim"], 1), steps)] if steps else [])
-    claim = state["claim"]
-    before = _unpack(state["c0"], state["n_val"])
-    cap, total = host.budget()
-    while state["epoch"] < epochs:
-        e = state["epoch"]
-        p = e - dense
-        if 0 <= p < len(state["schedule"]) and claim:
-            count = max(1, int(round(state["schedule"][p] * claim)))
-            kept = int(host.claim().sum())
-            if count < kept:
-                host.recalibrate()  # the importance pass scores the network in eval mode, with these statistics
-                release = host.claim() & ~_keep(host, host.unit_scores(), count, cap)
-                host.release(release)
-                state["released"] += int(release.sum())
-        host.train_epoch(e)
-        state["epoch"] = e + 1
-        if state["epoch"] < epochs:
-            host.checkpoint(state)
-    if state["done"]:
+
+    name = "gradual"
+    state_type = GradualState
+
+    def dense_epochs(self, cfg: PruneConfig, epochs: int) -> int:
+        """The first ``prune.warmup`` of the epochs train on the whole claim; the rest are this strategy's."""
+        return min(epochs, max(1, int(round(cfg.warmup * epochs))))
+
+    def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: GradualState, *,
+            task_index: int) -> GradualState:
+        epochs = training.epochs()
+        dense = self.dense_epochs(cfg, epochs)
+        steps = max(1, min(epochs - dense, int(round(cfg.ramp * epochs)))) if epochs > dense else 0
+        claim = state.claim
+        if state.epoch is None:
+            cap, total = own.budget()
+            training.recalibrate()  # running averages lag a network that is still learning fast: measure it as is
+            before = training.val_correct()
+            state.epoch, state.c0, state.n_val = dense, _pack(before), int(before.numel())
+            state.schedule = [max(f, total / max(claim, 1)) for f in
+                              ramp(1.0, total / max(claim, 1), steps)] if steps else []
+        before = _unpack(state.c0, state.n_val)
+        cap, total = own.budget()
+        while state.epoch < epochs:
+            e = state.epoch
+            p = e - dense
+            if 0 <= p < len(state.schedule) and claim:
+                count = max(1, int(round(state.schedule[p] * claim)))
+                kept = int(own.claim().sum())
+                if count < kept:
+                    training.recalibrate()  # the importance pass scores the network in eval mode, with these statistics
+                    release = own.claim() & ~_keep(own, own.unit_scores(), count, cap)
+                    own.release(release)
+                    state.released += int(release.sum())
+            training.train_epoch(e)
+            state.epoch = e + 1
+            if state.epoch < epochs:
+                training.checkpoint(state)
+        if state.done:
+            return state
+        kept = int(own.claim().sum())
+        if claim and not state.schedule and total < kept:  # no epoch to ramp in (one-epoch tasks): the budget at once
+            release = own.claim() & ~_keep(own, own.unit_scores(), total, cap)
+            own.release(release)
+            state.released += int(release.sum())
+        # at the budget: did the task keep its accuracy within its share? Its BatchNorm statistics are re-estimated
+        # first: the running averages of the ramp epochs mix the networks the ramp passed through
+        training.recalibrate()
+        at_val = training.val_correct()
+        at_budget = judge(cfg.guard, before, at_val, cfg.tolerance, cfg.confidence)
+        val_acc = float(before.float().mean()) - at_budget.drop
+        state.record(training, {"released": state.released, "val_acc": val_acc, "accepted": True,
+                                "decision": "budget", "keep": 1 - state.released / max(claim, 1),
+                                "within_budget": at_budget.accepted, **at_budget.as_dict()},
+                     val_acc=val_acc, accepted=True)
+        # below the budget: what the task does not use, released without retraining when the guard sees no loss on
+        # the validation and training samples
+        trained = training.evidence_correct(at_val)  # the network the verdict measured: its validation part is known
+        kept = int(own.claim().sum())
+        if kept > 1 and cfg.min_keep * claim < kept:
+            found = _smallest_unused(own, training, cfg, trained,
+                                     ladder(kept / claim * cfg.search_ratio, cfg.min_keep, cfg.search_ratio), claim,
+                                     cap)
+            if found is not None:
+                f, released, v, after = found
+                state.released += released
+                state.record(training, {"released": released, "accepted": True, "decision": "unused", "keep": f,
+                                        "evidence_val": state.n_val, "evidence_train": v.n - state.n_val,
+                                        **v.as_dict()},
+                             val_acc=float(after[:state.n_val].float().mean()), accepted=True)
+        state.done = True
+        training.checkpoint(state)
         return state
-    kept = int(host.claim().sum())
-    if claim and not state["schedule"] and total < kept:  # no epoch to ramp in (one-epoch tasks): the budget at once
-        release = host.claim() & ~_keep(host, host.unit_scores(), total, cap)
-        host.release(release)
-        state["released"] += int(release.sum())
-    # at the budget: did the task keep its accuracy within its share? Its BatchNorm statistics are re-estimated
-    # first: the running averages of the ramp epochs mix the networks the ramp passed through
-    host.recalibrate()
-    at_val = host.val_correct()
-    at_budget = judge(cfg.guard, before, at_val, cfg.tolerance, cfg.confidence)
-    record = {"k": state["k"], "released": state["released"], "val_acc": float(before.float().mean()) - at_budget.drop,
-              "accepted": True, "decision": "budget", "keep": 1 - state["released"] / max(claim, 1),
-              "within_budget": at_budget.accepted, **at_budget.as_dict()}
-    state["steps"].append(record)
-    host.log(PruneStep(k=state["k"], released=record["released"], val_acc=record["val_acc"], accepted=True,
-                       claim=claim, released_total=state["released"],
-                       extra={key: record[key] for key in record if key not in PruneStep.__dataclass_fields__}))
-    state["k"] += 1
-    # below the budget: what the task does not use, released without retraining when the guard sees no loss on
-    # the validation and training samples
-    trained = host.evidence_correct(at_val)  # the network the verdict measured: its validation part is known
-    kept = int(host.claim().sum())
-    if kept > 1 and cfg.min_keep * claim < kept:
-        found = _smallest_unused(host, cfg, trained, ladder(kept / claim * cfg.search_ratio, cfg.min_keep,
-                                                             cfg.search_ratio), claim, cap)
-        if found is not None:
-            f, released, v, after = found
-            state["released"] += released
-            rec = {"k": state["k"], "released": released, "accepted": True, "decision": "unused", "keep": f,
-                   "evidence_val": state["n_val"], "evidence_train": v.n - state["n_val"], **v.as_dict()}
-            state["steps"].append(rec)
-            host.log(PruneStep(k=state["k"], released=released, val_acc=float(after[:state["n_val"]].float().mean()),
-                               accepted=True, claim=claim, released_total=state["released"],
-                               extra={key: rec[key] for key in rec if key not in PruneStep.__dataclass_fields__}))
-            state["k"] += 1
-    state["done"] = True
-    host.checkpoint(state)
-    return state
-
-
-prune_gradual.dense_epochs = _dense_epochs  # the learner trains this many epochs before handing over

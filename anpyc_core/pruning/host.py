@@ -1,4 +1,5 @@
-"""The learner as a pruning strategy sees it (:class:`anpyc.pruning.PruneHost`), for one task."""
+"""The learner as a pruning strategy sees it, for one task: both views of :mod:`anpyc.pruning.base`
+(:class:`~anpyc.pruning.base.Ownership` and :class:`~anpyc.pruning.base.Training`) in one adapter."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch.utils.data import Subset
 
 from ..consolidation import pull_toward
 from ..events import Epoch, PruneStep
+from .base import PruneState
 from ..training import derive_seed
 from .plan import group_budget
 
@@ -163,10 +165,10 @@ class LearnerHost:
         for n, v in stats.items():
             l.stats[self.k][n].copy_(v)
 
-    def checkpoint(self, state: dict) -> None:
+    def checkpoint(self, state: PruneState) -> None:
         """Commit the learner with the strategy's ``state``; an optimizer still training (the gradual strategy's
         epochs) is saved with it, so a resumed run takes the same steps as an uninterrupted one."""
-        self.l.cursor["prune"] = state
+        self.l.cursor["prune"] = state.to_dict()
         self.l.save(optimizer=self.l._optimizer is not None)
 
     def log(self, event: PruneStep) -> None:

@@ -13,7 +13,7 @@ gives each group its own budget, so no task can empty a group that later tasks n
 * where growth is enabled (:mod:`anpyc.growth`), a task may keep up to ``grow.min_free`` of every group's base
   width whatever the shares above say: growth keeps that much free for it.
 
-The budget is a cap: the prune search (:func:`anpyc.pruning.strategies.prune_search`) keeps the least the guard
+The budget is a cap: the prune search (:class:`anpyc.pruning.search.Search`) keeps the least the guard
 allows, never more than the budget. Within the caps, units are kept by importance, globally across groups.
 """
 

@@ -25,81 +25,94 @@ interrupted search resumes at the try it was on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..config import PruneConfig
-from ..events import PruneStep
-from .base import PRUNING, PruneHost, initial_state
+from .base import Ownership, PruneState, Strategy, Training, register
 from .guard import judge
 from .plan import keep_set, ladder
 
-__all__ = ["prune_search"]
+__all__ = ["Search", "SearchState"]
 
 
-def _keep(host: PruneHost, scores: torch.Tensor, fraction: float, cap: torch.Tensor) -> torch.Tensor:
+def _keep(own: Ownership, scores: torch.Tensor, fraction: float, cap: torch.Tensor) -> torch.Tensor:
     """The keep set at ``fraction`` of the claim: the most important claimed units within the per-group caps."""
-    claim = host.claim()
-    groups, num_groups = host.unit_groups()
+    claim = own.claim()
+    groups, num_groups = own.unit_groups()
     count = max(1, int(round(fraction * int(claim.sum()))))
-    return keep_set(scores, claim, groups, num_groups, cap, count, host.needed())
+    return keep_set(scores, claim, groups, num_groups, cap, count, own.needed())
 
 
-@PRUNING.register("search")
-def prune_search(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+@dataclass
+class SearchState(PruneState):
+    """The ``ladder`` of keep fractions, the no-retrain drops measured on it, the rung being tried (``choice``) and
+    the tries so far."""
+
+    ladder: list[float] | None = None
+    search_drops: list[float] = field(default_factory=list)
+    choice: int = 0
+    tries: int = 0
+
+
+@register
+class Search(Strategy):
     """Keep the smallest share of the claim (within the budget) the guard accepts, in about one retrain."""
-    state = initial_state(state, int(host.claim().sum()), a0)
-    claim = state["claim"]
-    if claim == 0 or state["done"]:
-        state["done"] = True
+
+    name = "search"
+    state_type = SearchState
+
+    def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: SearchState, *,
+            task_index: int) -> SearchState:
+        claim = state.claim
+        if claim == 0 or state.done:
+            state.done = True
+            return state
+        cap, total = own.budget()
+        before = training.val_correct()  # the model is unpruned whenever the loop (re)starts here
+        scores = own.unit_scores()  # one importance pass on the unpruned model ranks every candidate and every try
+
+        def verdict(tolerance: float):
+            return judge(cfg.guard, before, training.val_correct(), tolerance, cfg.confidence)
+
+        if state.ladder is None:
+            top = min(1.0, total / claim, float(cap.sum()) / claim)
+            fractions = ladder(top, min(cfg.min_keep, top), cfg.search_ratio)
+            drops, choice = [], len(fractions) - 1
+            for i, f in enumerate(fractions):  # ascending: the first accepted one is the smallest
+                snap = own.snapshot()
+                own.release(own.claim() & ~_keep(own, scores, f, cap))
+                training.recalibrate()
+                v = verdict(cfg.search_tolerance)
+                own.restore(snap)
+                drops.append(round(v.drop, 6))
+                if v.accepted:
+                    choice = i
+                    break
+            state.ladder, state.search_drops, state.choice, state.tries = fractions, drops, choice, 0
+            training.checkpoint(state)
+        while not state.done:
+            fractions = state.ladder
+            last = len(fractions) - 1
+            i = state.choice if state.tries + 1 < cfg.max_tries else last
+            snap = own.snapshot()
+            released = own.claim() & ~_keep(own, scores, fractions[i], cap)
+            own.release(released)
+            epochs = training.retrain_until(state.taken, lambda: verdict(cfg.tolerance).accepted, snap)
+            v = verdict(cfg.tolerance)
+            kept = v.accepted or i == last  # the budget is kept even when the guard rejects it
+            decision = "accepted" if v.accepted else ("budget" if i == last else "rolled back")
+            if kept:
+                state.released = int(released.sum())
+                state.done = True
+            else:
+                own.restore(snap)
+                state.choice = i + max(1, (last - i + 1) // 2)  # half way (in rungs) to the budget
+                state.tries += 1
+            acc = float(before.float().mean()) - v.drop
+            state.record(training, {"released": int(released.sum()), "val_acc": acc, "accepted": kept,
+                                    "keep": fractions[i], "decision": decision, "epochs": epochs, **v.as_dict()},
+                         val_acc=acc, accepted=kept)
+            training.checkpoint(state)
         return state
-    cap, total = host.budget()
-    before = host.val_correct()  # the model is unpruned whenever the loop (re)starts here
-    scores = host.unit_scores()  # one importance pass on the unpruned model ranks every candidate and every try
-
-    def verdict(tolerance: float):
-        return judge(cfg.guard, before, host.val_correct(), tolerance, cfg.confidence)
-
-    if "ladder" not in state:
-        top = min(1.0, total / claim, float(cap.sum()) / claim)
-        fractions = ladder(top, min(cfg.min_keep, top), cfg.search_ratio)
-        drops, choice = [], len(fractions) - 1
-        for i, f in enumerate(fractions):  # ascending: the first accepted one is the smallest
-            snap = host.snapshot()
-            host.release(host.claim() & ~_keep(host, scores, f, cap))
-            host.recalibrate()
-            v = verdict(cfg.search_tolerance)
-            host.restore(snap)
-            drops.append(round(v.drop, 6))
-            if v.accepted:
-                choice = i
-                break
-        state.update(ladder=fractions, search_drops=drops, choice=choice, tries=0)
-        host.checkpoint(state)
-    while not state["done"]:
-        fractions = state["ladder"]
-        last = len(fractions) - 1
-        i = state["choice"] if state["tries"] + 1 < cfg.max_tries else last
-        snap = host.snapshot()
-        released = host.claim() & ~_keep(host, scores, fractions[i], cap)
-        host.release(released)
-        epochs = host.retrain_until(state["k"], lambda: verdict(cfg.tolerance).accepted, snap)
-        v = verdict(cfg.tolerance)
-        kept = v.accepted or i == last  # the budget is kept even when the guard rejects it
-        decision = "accepted" if v.accepted else ("budget" if i == last else "rolled back")
-        if kept:
-            state["released"] = int(released.sum())
-            state["done"] = True
-        else:
-            host.restore(snap)
-            state["choice"] = i + max(1, (last - i + 1) // 2)  # half way (in rungs) to the budget
-            state["tries"] += 1
-        acc = float(before.float().mean()) - v.drop
-        record = {"k": state["k"], "released": int(released.sum()), "val_acc": acc, "accepted": kept,
-                  "keep": fractions[i], "decision": decision, "epochs": epochs, **v.as_dict()}
-        state["steps"].append(record)
-        host.log(PruneStep(k=state["k"], released=record["released"], val_acc=acc, accepted=kept, claim=claim,
-                           released_total=state["released"],
-                           extra={key: record[key] for key in record if key not in PruneStep.__dataclass_fields__}))
-        state["k"] += 1
-        host.checkpoint(state)
-    return state

@@ -1,8 +1,8 @@
-"""The pruning strategies (a registry, :data:`anpyc.pruning.PRUNING`).
+"""The step-wise and scheduled pruning strategies (registered in :data:`anpyc.pruning.PRUNING`).
 
-* ``guarded`` (default): keep releasing ``step`` of the claim (``geometric``: of what the task still keeps) while
-  validation accuracy stays within ``tolerance`` of the unpruned accuracy; a step that breaks it is rolled back and
-  the step halved, until it is smaller than ``min_step`` or ``max_ratio`` of the claim is released;
+* ``guarded``: keep releasing ``step`` of the claim (``geometric``: of what the task still keeps) while validation
+  accuracy stays within ``tolerance`` of the unpruned accuracy; a step that breaks it is rolled back and the step
+  halved, until it is smaller than ``min_step`` or ``max_ratio`` of the claim is released;
 * ``schedule``: the original fixed schedule, ``first_ratio`` for the first task, times ``decay`` for each next,
   in increments of ``step``; no rollback;
 * ``none``: no pruning.
@@ -10,82 +10,103 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
-from ..config import PruneConfig  # noqa: F401  (the strategies' cfg)
-from ..events import PruneStep
-from .base import PRUNING, PruneHost, initial_state, select_release, tolerance
+from ..config import PruneConfig
+from .base import Ownership, PruneState, Strategy, Training, register, select_release, tolerance
 
-__all__ = ["prune_none", "prune_guarded", "prune_schedule"]
+__all__ = ["NoPruning", "Guarded", "Schedule", "GuardedState"]
 
 
-@PRUNING.register("none")
-def prune_none(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+@register
+class NoPruning(Strategy):
     """No pruning: the task keeps every unit it claimed."""
-    state = initial_state(state, int(host.claim().sum()), a0)
-    state["done"] = True
-    return state
+
+    name = "none"
+
+    def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: PruneState, *,
+            task_index: int) -> PruneState:
+        state.done = True
+        return state
 
 
-@PRUNING.register("guarded")
-def prune_guarded(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+@dataclass
+class GuardedState(PruneState):
+    step_size: float | None = None  # the share of the claim the next step releases (halved after a rollback)
+
+    LEGACY = ("step",)
+
+    @classmethod
+    def legacy(cls, d: dict[str, Any]) -> dict[str, Any]:
+        if "step" in d:  # written before states were versioned
+            d["step_size"] = d.pop("step")
+        return d
+
+
+@register
+class Guarded(Strategy):
     """Release ``step`` of the claim at a time while validation accuracy stays within ``tolerance``."""
-    state = initial_state(state, int(host.claim().sum()), a0)
-    state.setdefault("step", cfg.step)
-    while not state["done"]:
-        claim = state["claim"]
-        if claim == 0 or state["step"] < cfg.min_step - 1e-12 or state["released"] >= cfg.max_ratio * claim:
-            state["done"] = True
-            break
-        base = claim - state["released"] if cfg.geometric else claim  # what the step is a fraction of
-        want = max(1, int(round(state["step"] * base)))
-        want = min(want, int(cfg.max_ratio * claim) - state["released"]) if cfg.max_ratio < 1 else want
-        units = select_release(host, max(want, 0))
-        if units.numel() == 0:
-            state["done"] = True
-            break
-        snap = host.snapshot()
-        host.release(units)
-        host.retrain(state["k"])
-        acc = host.val_accuracy()
-        accepted = acc >= state["a0"] - tolerance(cfg, host.val_size())
-        record = {"k": state["k"], "released": int(units.numel()), "val_acc": acc, "accepted": accepted,
-                  "step": state["step"]}
-        if accepted:
-            state["released"] += int(units.numel())
-        else:
-            host.restore(snap)
-            state["step"] = state["step"] / 2
-        state["k"] += 1
-        state["steps"].append(record)
-        host.log(PruneStep(k=record["k"], released=record["released"], val_acc=acc,
-                           accepted=accepted, claim=claim, released_total=state["released"],
-                           extra={"step": record["step"]}))
-        host.checkpoint(state)
-    return state
+
+    name = "guarded"
+    state_type = GuardedState
+
+    def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: GuardedState, *,
+            task_index: int) -> GuardedState:
+        if state.step_size is None:
+            state.step_size = cfg.step
+        while not state.done:
+            claim = state.claim
+            if claim == 0 or state.step_size < cfg.min_step - 1e-12 or state.released >= cfg.max_ratio * claim:
+                state.done = True
+                break
+            base = claim - state.released if cfg.geometric else claim  # what the step is a fraction of
+            want = max(1, int(round(state.step_size * base)))
+            want = min(want, int(cfg.max_ratio * claim) - state.released) if cfg.max_ratio < 1 else want
+            units = select_release(own, max(want, 0))
+            if units.numel() == 0:
+                state.done = True
+                break
+            snap = own.snapshot()
+            own.release(units)
+            training.retrain(state.taken)
+            acc = training.val_accuracy()
+            accepted = acc >= state.a0 - tolerance(cfg, training.val_size())
+            record = {"released": int(units.numel()), "val_acc": acc, "accepted": accepted, "step": state.step_size}
+            if accepted:
+                state.released += int(units.numel())
+            else:
+                own.restore(snap)
+                state.step_size = state.step_size / 2
+            state.record(training, record, val_acc=acc, accepted=accepted)
+            training.checkpoint(state)
+        return state
 
 
-@PRUNING.register("schedule")
-def prune_schedule(host: PruneHost, cfg: PruneConfig, state: dict, *, task_index: int, a0: float) -> dict:
+@register
+class Schedule(Strategy):
     """The original schedule: ratio ``first_ratio * decay**task_index`` reached in ``step`` increments."""
-    state = initial_state(state, int(host.claim().sum()), a0)
-    target = cfg.first_ratio * (cfg.decay ** task_index)
-    while not state["done"]:
-        ratio = min(target, (state["k"] + 1) * cfg.step)
-        want = int(round(ratio * state["claim"])) - state["released"]
-        if ratio <= 0 or state["claim"] == 0:
-            state["done"] = True
-            break
-        units = select_release(host, max(want, 0)) if want > 0 else torch.zeros(0, dtype=torch.long)
-        host.release(units)
-        host.retrain(state["k"])
-        acc = host.val_accuracy()
-        state["released"] += int(units.numel())
-        record = {"k": state["k"], "released": int(units.numel()), "val_acc": acc, "accepted": True, "ratio": ratio}
-        state["k"] += 1
-        state["steps"].append(record)
-        state["done"] = ratio >= target - 1e-12
-        host.log(PruneStep(k=record["k"], released=record["released"], val_acc=acc, accepted=True,
-                           claim=state["claim"], released_total=state["released"], extra={"ratio": ratio}))
-        host.checkpoint(state)
-    return state
+
+    name = "schedule"
+
+    def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: PruneState, *,
+            task_index: int) -> PruneState:
+        target = cfg.first_ratio * (cfg.decay ** task_index)
+        while not state.done:
+            ratio = min(target, (state.taken + 1) * cfg.step)
+            want = int(round(ratio * state.claim)) - state.released
+            if ratio <= 0 or state.claim == 0:
+                state.done = True
+                break
+            units = select_release(own, max(want, 0)) if want > 0 else torch.zeros(0, dtype=torch.long)
+            own.release(units)
+            training.retrain(state.taken)
+            acc = training.val_accuracy()
+            state.released += int(units.numel())
+            state.done = ratio >= target - 1e-12
+            state.record(training, {"released": int(units.numel()), "val_acc": acc, "accepted": True, "ratio": ratio},
+                         val_acc=acc, accepted=True)
+            training.checkpoint(state)
+        return state
