@@ -132,7 +132,7 @@ def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = 
     cons.update({f"tracker/{n}": v for n, v in learner.tracker.state().items()})
     state = {"cursor": learner.cursor, "tasks": learner.tasks, "acc_test": learner.acc_test,
              "acc_val": learner.acc_val, "history": learner.history}
-    opt = learner._optimizer.state_dict() if (optimizer and learner._optimizer is not None) else None
+    opt = learner.runner.optimizer.state_dict() if (optimizer and learner.runner.optimizer is not None) else None
 
     save_tensors(d / "trunk.safetensors", trunk, fmt="anpyc.trunk", version=1, schema={"backbone": learner.backbone})
     save_masks(d / "masks.safetensors", learner.space, tasks=[r["index"] for r in learner.tasks])
@@ -199,7 +199,7 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
         learner.probes = Probes.from_tensors(probes, tuple(learner.input_spec.shape), str(d / "probes.safetensors"))
     if (d / "optimizer.safetensors").exists():
         flat, meta = load_tensors(d / "optimizer.safetensors", fmt="anpyc.optimizer")
-        learner._optim_state = unflatten_optimizer(flat, meta.get("schema") or {}, learner.device)
+        learner.runner.resume_optimizer(unflatten_optimizer(flat, meta.get("schema") or {}, learner.device))
 
 
 def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, callbacks: Iterable, lock: bool

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-__all__ = ["Event", "TaskStart", "Grow", "Epoch", "Eval", "PruneStep", "TaskEnd", "EVENTS"]
+__all__ = ["Callback", "Event", "TaskStart", "Grow", "Epoch", "Eval", "PruneStep", "TaskEnd", "EVENTS"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +117,16 @@ class TaskEnd(Event):
     params: int
     flops: int
     drift: dict[str, float] | None = _optional()  # per earlier task id: the largest change of its probe outputs
+
+
+class Callback:
+    """Hooks for progress display (the learner calls them); every method is a no-op by default."""
+
+    def on_event(self, event: Event) -> None:
+        """Called for every logged event (epoch, prune step, evaluation, task start/end)."""
+
+    def on_batch(self, phase: str, batch: int, total: int, loss: float) -> None:
+        """Called after every training batch."""
 
 
 EVENTS: dict[str, type[Event]] = {cls.kind: cls for cls in (TaskStart, Grow, Epoch, Eval, PruneStep, TaskEnd)}

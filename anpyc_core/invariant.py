@@ -39,9 +39,9 @@ PROBES_FORMAT = "anpyc.probes"
 class ProbeSource(Protocol):
     """What the check needs of a learner: its finished tasks, their sliced and masked models."""
 
-    def probe_tasks(self) -> list[tuple[int, int]]: ...  # (index, id) of every finished task
-    def sliced(self, index: int) -> nn.Module: ...       # the task's physically pruned model (eval mode, CPU)
-    def masked(self, index: int, x: torch.Tensor) -> torch.Tensor: ...  # the masked dense model's logits
+    def task_ids(self) -> list[int]: ...                  # every finished task, in learned order (index = position)
+    def subnetwork(self, task: int) -> nn.Module: ...     # the task's physically pruned model (eval mode, CPU)
+    def reference_forward(self, task: int, x: torch.Tensor) -> torch.Tensor: ...  # the masked dense model's logits
 
 
 @dataclass
@@ -77,19 +77,19 @@ class Probes:
             outputs[int(index)] = v
         return cls(inputs, outputs)
 
-    def record(self, source: ProbeSource, index: int, exact: bool) -> None:
-        """Record task ``index``'s outputs as it ends: its sliced model's under a hard freeze, else the masked
-        model's (the one its accuracy is measured with)."""
-        self.outputs[index] = _outputs(source, index, self.inputs, exact)[0]
+    def record(self, source: ProbeSource, index: int, task: int, exact: bool) -> None:
+        """Record the outputs of task ``task`` (index ``index``) as it ends: its sliced model's under a hard freeze,
+        else the masked model's (the one its accuracy is measured with)."""
+        self.outputs[index] = _outputs(source, task, self.inputs, exact)[0]
 
 
 @torch.no_grad()
-def _outputs(source: ProbeSource, index: int, x: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _outputs(source: ProbeSource, task: int, x: torch.Tensor, exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(outputs to compare with the record, the masked model's outputs)``."""
-    masked = source.masked(index, x).detach().float().cpu()
+    masked = source.reference_forward(task, x).detach().float().cpu()
     if not exact:
         return masked, masked
-    return source.sliced(index)(x).detach().float().cpu(), masked
+    return source.subnetwork(task)(x).detach().float().cpu(), masked
 
 
 def check_tasks(source: ProbeSource, probes: Probes, operation: str, *, exact: bool) -> dict[int, float]:
@@ -97,11 +97,11 @@ def check_tasks(source: ProbeSource, probes: Probes, operation: str, *, exact: b
     outputs by task index. With ``exact`` a change (or masked outputs that leave the sliced ones) raises
     :class:`InvariantViolation`."""
     drift: dict[int, float] = {}
-    for index, task_id in source.probe_tasks():
+    for index, task_id in enumerate(source.task_ids()):
         ref = probes.outputs.get(index)
         if ref is None:  # recorded before the run kept probes
             continue
-        y, masked = _outputs(source, index, probes.inputs, exact)
+        y, masked = _outputs(source, task_id, probes.inputs, exact)
         if y.shape != ref.shape:
             diff = float("inf")
         else:

@@ -11,8 +11,8 @@ Usage::
 The learner knows nothing about any particular architecture: the mask space (:mod:`anpyc.masks`, which runs the
 structure walk) gives it units and ownership, the registries give it importance, consolidation and pruning
 strategies; its state goes to files through :mod:`anpyc.checkpoint`, its task models come from
-:mod:`anpyc.subnet`, and what it does to one task index (masks in use, an epoch, evaluation, recalibration) is
-:mod:`anpyc.taskops`.
+:mod:`anpyc.subnet`, and what it does to one task index (masks in use, an epoch, evaluation, recalibration) is its
+:class:`~anpyc.runner.TaskRunner` (``learner.runner``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .config import BACKBONE_DEFAULTS, LearnerConfig, method_config
 from .consolidation import CONSOLIDATION, accumulate_omega
 from .dist import DistContext, check_device, context
 from .errors import ConfigError, DataError, RunDirError
-from .events import Epoch, Eval, Event, Grow, TaskEnd, TaskStart
+from .events import Callback, Epoch, Eval, Event, Grow, TaskEnd, TaskStart
 from .fileio import append_jsonl, atomic_write_json, finite
 from .growth import GrowthEvent, apply_growth, plan_growth
 from .importance import create_importance
@@ -48,7 +48,7 @@ from .rundir import RunDir
 from .structure import Structure, feature_count
 from .subnet import TaskModel, measure, standalone
 from .task import InputSpec, Task, check_task
-from .taskops import TaskOps
+from .runner import TaskRunner
 from .training import derive_seed, evaluate
 
 __all__ = ["ContinualLearner", "Callback", "TaskModel"]
@@ -56,17 +56,7 @@ __all__ = ["ContinualLearner", "Callback", "TaskModel"]
 MAX_TASKS = 32766  # owner ids widen from uint8 to int16 past 254 tasks (anpyc.masks); 32767 means free
 
 
-class Callback:
-    """Hooks for progress display; every method is a no-op by default."""
-
-    def on_event(self, event: Event) -> None:
-        """Called for every logged event (:mod:`anpyc.events`: epoch, prune step, evaluation, task start/end)."""
-
-    def on_batch(self, phase: str, batch: int, total: int, loss: float) -> None:
-        """Called after every training batch."""
-
-
-class ContinualLearner(TaskOps):
+class ContinualLearner:
     """Learns a sequence of tasks on one backbone; each task keeps its own subnetwork, head and statistics."""
 
     def __init__(
@@ -134,7 +124,6 @@ class ContinualLearner(TaskOps):
         self.policy.layout(trunk, self.backbone.get("name"))
         # batch sources; the worker count is this process's business (a resumed run may use another one)
         self.loaders = Loaders(resolve_workers(config.workers), self.device)
-        self._last_epoch = None
         self.base_layout = self.space.schema().get("groups")  # the units before any growth (what run.json records)
         self.growth: list[GrowthEvent] = []  # every widening so far, replayed when the run is reopened
         self.growth_values: dict[str, torch.Tensor] = {}  # their new entries, "<event>/<tensor>"
@@ -158,9 +147,7 @@ class ContinualLearner(TaskOps):
         self.acc_val: list[list[float | None]] = []
         self.history: list[dict] = []
         self._data: dict[int, Task] = {}
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._optim_state: dict | None = None
-        self._ddp = None
+        self.runner = TaskRunner(self)  # one task index at a time; owns the training task's optimizer
         # the run-time check that earlier tasks stay what they were (anpyc.invariant): probe inputs, outputs per task
         self.probes = Probes.for_shape(tuple(input_spec.shape), derive_seed(config.seed, "probe"))
 
@@ -242,7 +229,7 @@ class ContinualLearner(TaskOps):
     def reference_forward(self, task: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of task ``task``'s masked dense model (eval mode)."""
         k = self._index(task)
-        self._use_task(k)
+        self.runner.use(k)
         self.model.eval()
         return self.model(x.to(self.device), k)
 
@@ -252,19 +239,19 @@ class ContinualLearner(TaskOps):
     def evaluate(self, task: int, dataset: Dataset) -> float:
         """Top-1 accuracy of task ``task`` on ``dataset`` (NaN for an empty one)."""
         k = self._index(task)
-        self._use_task(k)
+        self.runner.use(k)
         self.model.eval()
         return evaluate(self.policy.wrap(lambda x: self.model(x, k)), dataset, self.config.eval_batch_size,
                         self.device, self.loaders.feed)
 
     def mask_digest(self, task: int) -> str:
-        return self.space.digest(self._mask_index(self._index(task)))
+        return self.space.digest(self.runner.mask_index(self._index(task)))
 
     def subnetwork(self, task: int) -> TaskModel:
         """Task ``task``'s standalone model: units outside its mask physically removed, its head and statistics
         loaded, no masks left inside (eval mode, on the CPU)."""
         k = self._index(task)
-        return standalone(self.model, self.space, k, self._stats_of(k), mask=self._mask_index(k))
+        return standalone(self.model, self.space, k, self.runner.stats_of(k), mask=self.runner.mask_index(k))
 
     def subnetwork_stats(self, task: int) -> dict:
         rec = next(h for h in self.history if h["id"] == task)
@@ -279,8 +266,7 @@ class ContinualLearner(TaskOps):
 
     def _begin_task(self, task: Task, final: bool) -> None:
         k = len(self.tasks)
-        # a task trains with an optimizer of its own (its head; growth replaces parameters), never the last task's
-        self._optimizer, self._optim_state = None, None
+        self.runner.end_optimizer()  # a task trains with an optimizer of its own, never the last task's
         self.tasks.append({"id": task.id, "name": task.name, "classes": list(task.classes), "index": k,
                            "final": final, "done": False})
         self.space.make_room(k)
@@ -288,7 +274,7 @@ class ContinualLearner(TaskOps):
         grown = apply_growth(self, k, task.id, plan, reason=f"fewer free units than grow.min_free = "
                                                              f"{self.config.grow.min_free} of the base width")
         for e in grown:
-            self._log(Grow(task=task.id, group=e.group, units=e.units, width=e.width, free=e.free, reason=e.reason))
+            self.emit(Grow(task=task.id, group=e.group, units=e.units, width=e.width, free=e.free, reason=e.reason))
         if grown:
             self._check_earlier(f"the growth of {len(grown)} group(s) at the start of task {task.id} "
                                 f"({', '.join(e.group for e in grown[:3])}{', ...' if len(grown) > 3 else ''})")
@@ -305,9 +291,9 @@ class ContinualLearner(TaskOps):
         prev = self.stats.get(k - 1)
         self.stats[k] = {n: v.clone() for n, v in (prev or self.init_stats).items()}
         self.anchor = {n: p.detach().clone() for n, p in self.trunk.named_parameters()}
-        self.tracker.begin(self._params())
+        self.tracker.begin(self.runner.params())
         self.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
-        self._log(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
+        self.emit(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
 
     def _strategy(self, task: Task) -> Strategy:
         """The prune strategy of ``task`` (none for the final task unless ``prune.prune_final``)."""
@@ -319,20 +305,20 @@ class ContinualLearner(TaskOps):
         epochs = self._strategy(task).dense_epochs(self.config.prune, cfg.epochs)  # the rest are the strategy's
         while self.cursor["epoch"] < epochs:
             epoch = self.cursor["epoch"]
-            res = self._run_epoch(task, k, phase="train", step=0, epoch=epoch, cfg=cfg)
+            res = self.runner.run_epoch(task, k, phase="train", step=0, epoch=epoch, cfg=cfg)
             self.cursor["epoch"] = epoch + 1
             last = self.cursor["epoch"] >= epochs
-            self._log(Epoch(task=task.id, phase="train", epoch=epoch, loss=res.loss, train_acc=res.accuracy,
+            self.emit(Epoch(task=task.id, phase="train", epoch=epoch, loss=res.loss, train_acc=res.accuracy,
                             penalty=res.penalty))
             if last:
-                self._optimizer = None
+                self.runner.end_optimizer()
                 self.cursor.update(phase="prune", prune={})
                 # the running averages lag the weights of the last epochs (a few batches per epoch: a task that
                 # trains at 100% can measure 50% with them): what the task scores is measured with its statistics
                 # re-estimated, and so is the reference a strategy's guard compares with
-                self._recalibrate(task, k)
-                self.cursor["a0"] = self._val_accuracy(task, k)
-                self._log(Eval(task=task.id, phase="train_end", val_acc=self.cursor["a0"]))
+                self.runner.recalibrate(task, k)
+                self.cursor["a0"] = self.runner.val_accuracy(task, k)
+                self.emit(Eval(task=task.id, phase="train_end", val_acc=self.cursor["a0"]))
                 self.save()
             elif self.config.checkpoint_epochs:
                 self.save(optimizer=True)
@@ -342,61 +328,49 @@ class ContinualLearner(TaskOps):
         state = strategy.state(self.cursor.get("prune"), host, self.cursor["a0"])
         state = strategy.run(host, host, self.config.prune, state, task_index=k)
         # the gradual strategy trained in the prune phase: its optimizer (and one a resume restored) ends here
-        self._optimizer, self._optim_state = None, None
+        self.runner.end_optimizer()
         self.cursor.update(phase="consolidate", prune=state.to_dict())
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:
         # the statistics the task keeps are measured on its final weights (a strategy that ended on retraining
         # epochs left running averages; the gradual strategy's are re-estimated already, and this gives the same)
-        self._recalibrate(task, k)
+        self.runner.recalibrate(task, k)
         drift = self._check_earlier(f"the training, pruning and recalibration of task {task.id}")
-        self._use_task(k)
+        self.runner.use(k)
         # consolidate: the task's importance joins the accumulated importance (for the rules that read it, so a
         # hard freeze spends no importance pass here); freed elements drop theirs
         if CONSOLIDATION.get(self.config.consolidation.rule).uses_omega:
             owned = {n: self.space.element_owner(n, tuple(p.shape)) != self.space.free
                      for n, p in self.trunk.named_parameters()}
-            self.omega = accumulate_omega(self.omega, self._element_importance(task, k), owned,
+            self.omega = accumulate_omega(self.omega, self.runner.importance(task, k), owned,
                                           self.config.importance.accumulate)
         # evaluate every task learned so far
         row_test, row_val = [], []
         for j in range(k + 1):
             data = self._data.get(self.tasks[j]["id"])
-            row_test.append(self._eval(j, data.test if data is not None else None))
-            row_val.append(self._eval(j, data.val if data is not None else None))
+            row_test.append(self.runner.evaluate(j, data.test if data is not None else None))
+            row_val.append(self.runner.evaluate(j, data.val if data is not None else None))
         self.acc_test.append(row_test)
         self.acc_val.append(row_val)
-        stats = measure(self.model, self.space, k, self._stats_of(k), self._example)
+        stats = measure(self.model, self.space, k, self.runner.stats_of(k), self._example)
         prune = self.cursor.get("prune") or {}
         rec = {
             "id": task.id, "index": k, "capacity": self.space.capacity(),
-            "capacity_params": self._capacity_params(), "owned_units": int((self.space.owners == k).sum()),
+            "capacity_params": self.space.capacity_params(), "owned_units": int((self.space.owners == k).sum()),
             **stats, "prune": {"released": prune.get("released", 0), "claim": prune.get("claim", 0),
                                "steps": len(prune.get("steps", [])), "a0": self.cursor.get("a0")},
             "seconds": seconds, "drift": {str(self.tasks[j]["id"]): d for j, d in drift.items()},
         }
         self.history.append(rec)
-        self.probes.record(self, k, self._exact())
+        self.probes.record(self, k, task.id, self._exact())
         self._record(task.id)["done"] = True
         self.cursor = {"task": task.id, "phase": "done"}
-        self._log(TaskEnd(task=task.id, acc_row=row_test, capacity=rec["capacity"], params=rec["params"],
+        self.emit(TaskEnd(task=task.id, acc_row=row_test, capacity=rec["capacity"], params=rec["params"],
                           flops=rec["flops"], drift=rec["drift"]))
         self.save()
         self._write_metrics()
 
     # ------------------------------------------------------------------ the run-time invariant (anpyc.invariant)
-    def probe_tasks(self) -> list[tuple[int, int]]:
-        return [(r["index"], r["id"]) for r in self.tasks if r.get("done")]
-
-    def sliced(self, index: int) -> nn.Module:
-        return standalone(self.model, self.space, index, self._stats_of(index), mask=self._mask_index(index))
-
-    @torch.no_grad()
-    def masked(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        self._use_task(index)
-        self.model.eval()
-        return self.model(x.to(self.device), index)
-
     def _exact(self) -> bool:
         """Whether the method promises every earlier task bit-identical outputs (a hard freeze, per-task masks)."""
         return self.config.consolidation.rule == "hard" and self.config.inference != "shared"
@@ -416,13 +390,15 @@ class ContinualLearner(TaskOps):
     def _record(self, task_id: int) -> dict:
         return self.tasks[self._index(task_id)]
 
-    def _params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.trunk.named_parameters() if p.requires_grad}
+    def task_data(self, task_id: int) -> Task | None:
+        """The data of task ``task_id`` when it was given in this session (learned or attached)."""
+        return self._data.get(task_id)
 
     # ------------------------------------------------------------------ events
-    def _log(self, event: Event) -> None:
-        if isinstance(event, Epoch) and event.seconds is None and self._last_epoch is not None:
-            res, self._last_epoch = self._last_epoch, None  # the epoch just run: how long it waited for batches
+    def emit(self, event: Event) -> None:
+        """Report ``event``: one line of the run's events.jsonl, and every callback."""
+        if isinstance(event, Epoch) and event.seconds is None and (res := self.runner.take_last_epoch()) is not None:
+            # the epoch just run: how long it waited for batches
             seconds, wait = round(res.seconds, 4), round(res.data_wait, 4)  # the share agrees with what is logged
             event = dataclasses.replace(event, seconds=seconds, data_wait=wait,
                                         data_wait_share=round(wait / seconds, 4) if seconds else 0.0)

@@ -157,6 +157,12 @@ class MaskSpace(ABC):
         """``(parameters, FLOPs)`` of the subnetwork of ``active`` (``sub()`` builds it, ``dense`` is the whole
         model as a ``trunk``/``head`` module)."""
 
+    def capacity_params(self) -> float:
+        """The share of the trunk's parameters (counted by unit cost) in units some task owns."""
+        cost = self.unit_cost().double()
+        total = float(cost.sum())
+        return float(cost[self.owners != self.free].sum()) / total if total else 0.0
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"owners": self.owners}
 

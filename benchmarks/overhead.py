@@ -112,20 +112,21 @@ class Prepared:
             space.release(mask)
 
     def stepper(self, batch) -> Callable[[int], None]:
-        """``run(n)``: n training steps of the engine, set up exactly as ``ContinualLearner._run_epoch`` does."""
+        """``run(n)``: n training steps of the engine, set up exactly as ``TaskRunner.run_epoch`` does."""
         from anpyc.consolidation import create_consolidation
         from anpyc.config import ConsolidationConfig
         from anpyc.training import make_optimizer, train_epoch
 
         l, k, cfg = self.learner, self.k, self.cfg
-        l._use_task(k)
-        params = l._params()
+        runner = l.runner
+        runner.use(k)
+        params = runner.params()
         opt = make_optimizer(list(params.values()) + list(l.model.heads[str(k)].parameters()), cfg.optim)
         cons = create_consolidation(cfg.consolidation if k > 0 else ConsolidationConfig(rule="none"))
-        old = l._old_masks(k)
+        old = runner.old_masks(k)
         cons.begin(params, l.omega, l.anchor, old)
         decay = {n: (~m).float() for n, m in old.items()}
-        forward = l._forward_train(k)
+        forward = runner.train_forward(k)
         l.model.train()
 
         def run(n: int) -> None:
@@ -227,10 +228,10 @@ def importance_cost(model: Model, args) -> dict:
             _sync(args.device)
             t0 = time.perf_counter()
             if what == "imp":
-                l._element_importance(task, k)
+                l.runner.importance(task, k)
             else:
-                l._optimizer = None
-                l._run_epoch(task, k, phase="train", step=0, epoch=r, cfg=p.cfg.optim)
+                l.runner.end_optimizer()
+                l.runner.run_epoch(task, k, phase="train", step=0, epoch=r, cfg=p.cfg.optim)
             _sync(args.device)
             (imp if what == "imp" else epoch).append(time.perf_counter() - t0)
     cfg = p.cfg.importance

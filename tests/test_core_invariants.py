@@ -108,7 +108,7 @@ def test_removal_semantics_layernorm(model, randomized_norms):
         if not learner.space.norm_masks(active):
             continue
         norm_checked += 1
-        learner._use_task(k)
+        learner.runner.use(k)
         learner.model._norm_masks = {}
         learner.model.eval()
         with torch.no_grad():

@@ -134,7 +134,7 @@ def test_batchnorm_statistics_follow_the_parameters(method):
         assert all(same) and len(same) == len(bn)
         x = stream[0].test[0][0].unsqueeze(0)
         learner.model.eval()
-        learner._use_task(1)
+        learner.runner.use(1)
         with torch.no_grad():
             ref = learner.model(x, 0)
         assert torch.equal(learner.reference_forward(stream[0].id, x), ref)
@@ -186,7 +186,7 @@ def test_paper_mode_is_the_original_net_evaluated_without_task_masks():
     y = learner.reference_forward(t0, x)
     with torch.no_grad():
         assert float((learner.subnetwork(t0)(x) - y).abs().max()) <= 1e-5
-    learner._use_task(1)
+    learner.runner.use(1)
     learner.model.eval()
     with torch.no_grad():
         assert torch.equal(learner.model(x, 0), y)  # task 0's head on the newest mask
@@ -212,10 +212,10 @@ def test_every_task_trains_its_own_head_from_its_first_epoch(grow):
     class Probe(Callback):
         def on_event(self, event):
             if isinstance(event, Epoch) and event.phase == "train":
-                opt = {id(p) for g in learner._optimizer.param_groups for p in g["params"]}
+                opt = {id(p) for g in learner.runner.optimizer.param_groups for p in g["params"]}
                 k = learner._index(event.task)
                 head = all(id(p) in opt for p in learner.model.heads[str(k)].parameters())
-                trunk = all(id(p) in opt for p in learner._params().values())
+                trunk = all(id(p) in opt for p in learner.runner.params().values())
                 seen.append((event.task, event.epoch, head, trunk))
 
     cfg = method_config("anpyc", **{"optim.epochs": 4, "optim.batch_size": 8, "importance.max_batches": 2,

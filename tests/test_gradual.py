@@ -162,7 +162,7 @@ def test_evidence_tops_up_a_small_validation_set_with_training_samples(learned, 
         if want_train:
             subset = host._evidence
             assert len(set(subset.indices)) == want_train and max(subset.indices) < len(task.train)
-            assert torch.equal(evidence[20:], learner._correct(0, subset))
+            assert torch.equal(evidence[20:], learner.runner.correct(0, subset))
             assert torch.equal(LearnerHost(learner, task, 0).evidence_correct(), evidence)  # the same subset
     finally:
         learner.config = cfg

@@ -121,7 +121,7 @@ def _outputs(learner, x):
     out = {}
     for t in learner.task_ids():
         k = learner._index(t)
-        learner._use_task(k)
+        learner.runner.use(k)
         learner.model.eval()
         with torch.no_grad():
             out[t] = (learner.reference_forward(t, x), learner.policy.wrap(lambda v: learner.model(v, k))(x))
