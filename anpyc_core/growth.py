@@ -1,4 +1,4 @@
-"""Growing a learner's backbone when its free capacity runs out (the tensor rules are :mod:`anpyc.structure.growth`).
+"""Growing a learner's backbone when its free capacity runs out (the tensor rules are :mod:`anpyc.structure.widening`).
 
 Policy (``grow``, a :class:`~anpyc.config.GrowConfig`): when a task starts, every group that can be widened and
 has fewer free units than ``grow.min_free`` of its width before any growth (its *base* width) is widened by the
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from .structure.growth import check_growth, grow_group
+from .structure.widening import check_growth, grow_group
 
 if TYPE_CHECKING:
     from .learner import ContinualLearner
@@ -67,7 +67,7 @@ def plan_growth(learner: "ContinualLearner", k: int) -> dict[str, tuple[int, int
 
 def _can_grow(learner: "ContinualLearner", name: str) -> bool:
     """Whether group ``name`` may be widened: the tensor rules allow it and a trial widening of a copy keeps the
-    trunk's function (:func:`~anpyc.structure.growth.check_growth`). Decided once per group and run (the reasons
+    trunk's function (:func:`~anpyc.structure.widening.check_growth`). Decided once per group and run (the reasons
     stay in ``learner._growth_verdicts``); a group that cannot grow keeps its width."""
     verdicts = learner.__dict__.setdefault("_growth_verdicts", {})
     if name not in verdicts:

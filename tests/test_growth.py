@@ -12,7 +12,7 @@ import torch
 
 import anpyc
 from anpyc.adapters.data import synthetic_stream
-from anpyc.structure.growth import growable
+from anpyc.structure.widening import growable
 
 from conftest import MODELS
 from test_bad_inputs import FAST, invoke
@@ -215,7 +215,7 @@ def test_a_width_the_rules_do_not_see_keeps_its_group_from_growing():
     """The tensor rules allow widening the ghost branches, but the stored width would cut the new channels off:
     the trial widening on a copy finds it, names why, and the trunk is left as it was; the other groups may grow."""
     from anpyc.structure import walk
-    from anpyc.structure.growth import check_growth
+    from anpyc.structure.widening import check_growth
 
     torch.manual_seed(0)
     net = _GhostNet().eval()
@@ -289,7 +289,7 @@ def test_a_grown_head_count_equal_to_an_unrelated_stored_size_slices_exactly():
     """Heads grown from 2 to 3 come to equal the bias module's stored area (3). Slicing the grown trunk back to 2
     heads must rewrite only where the head count was stored, not the area that now happens to be equal."""
     from anpyc.structure import walk
-    from anpyc.structure.growth import grow_group
+    from anpyc.structure.widening import grow_group
     from anpyc.structure.slicing import slice_trunk
     from anpyc.structure.walk import parity
 

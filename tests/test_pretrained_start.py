@@ -181,7 +181,7 @@ def test_no_library_code_cuts_error_text_with_a_slice():
 
 def _bad_growth(monkeypatch):
     """Growth as it was: a new channel's running variance drawn around the trained layer's (negative for some)."""
-    import anpyc.structure.growth as sg
+    import anpyc.structure.widening as sg
 
     monkeypatch.setattr(sg, "_statistic_reset", lambda module, attr: -1.0 if attr == "running_var" else None)
 

@@ -1,4 +1,4 @@
-"""Growth: widen a unit group by ``m`` units, the inverse of slicing (:mod:`anpyc.structure.slicing`).
+"""Widening: a unit group gains ``m`` units, the inverse of slicing (:mod:`anpyc.structure.slicing`).
 
 Every tensor dimension a group owns gains the positions of the new units, laid out as the existing units are: a
 dimension is a sequence of ``blocks`` (1 for channels; k for a fused q/k/v projection; one per group of a
