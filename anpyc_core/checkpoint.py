@@ -27,12 +27,13 @@ from . import __version__
 from .backbones import RECORD_INFO, name_from_record
 from .config import LearnerConfig, from_dict, to_dict
 from .dist import context
-from .errors import ModelError, RunDirError, StateFileError, TrainingDiverged, clip
+from .errors import ConfigError, ModelError, RunDirError, StateFileError, TrainingDiverged, clip
 from .fileio import atomic_write_json, finite, read_json
 from .growth import apply_growth
 from .invariant import PROBES_FORMAT, Probes
-from .maskfile import load_masks, save_masks
+from .maskfile import load_masks, save_masks, schema_tasks
 from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
+from .runfiles import PHASES, check_state
 from .task import InputSpec
 from .tensorio import load_tensors, save_tensors
 
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # the learner is only ever passed in
 __all__ = ["manifest", "create_run", "write_manifest", "write_generation", "read_generation", "write_init", "read_init",
            "open_run", "PHASES"]
 
-PHASES = ("train", "prune", "consolidate", "done")  # where a task stands (state.json's cursor)
 INIT_FORMAT = "anpyc.init"
 BUFFER = "buffer/"  # init.safetensors: buffers beside the parameters (parameter names never hold a "/")
 
@@ -169,27 +169,31 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
                 raise StateFileError(f"trunk state in {d} has tensor {n} of shape {tuple(t.shape)} that this "
                                      f"backbone does not have", "resume with the same backbone and input size")
             own[n].copy_(t.to(own[n].device))
-    load_masks(d / "masks.safetensors", learner.space)
-    state = read_json(d / "state.json", what="run state")
-    phase = (state.get("cursor") or {}).get("phase") if isinstance(state, dict) else None
-    if phase not in PHASES:
-        raise StateFileError(f"run state in {d} has cursor phase {clip(phase, 40)!r}, not one of {list(PHASES)}",
-                             "restore the run or re-train")
+    state = check_state(read_json(d / "state.json", what="run state"), f"run state {d / 'state.json'}")
+    _, schema = load_masks(d / "masks.safetensors", learner.space)
+    if len(schema_tasks(schema)) != len(state["tasks"]):
+        raise StateFileError(f"mask file in {d} records {len(schema_tasks(schema))} task(s), the run state "
+                             f"{len(state['tasks'])}", "restore the run directory from a backup, or re-train")
     learner.cursor, learner.tasks = state["cursor"], state["tasks"]
     learner.acc_test, learner.acc_val, learner.history = state["acc_test"], state["acc_val"], state["history"]
     heads, _ = load_tensors(d / "heads.safetensors", fmt="anpyc.heads")
-    for r in learner.tasks:
-        k = str(r["index"])
-        w = heads.get(f"head/{k}/weight")
-        if w is None:
-            raise StateFileError(f"heads file in {d} has no head for task {r['id']}", "restore the run")
-        head = learner.model.add_head(r["index"], w.shape[0])
-        head.load_state_dict({"weight": w, "bias": heads[f"head/{k}/bias"]})
     stats, _ = load_tensors(d / "stats.safetensors", fmt="anpyc.stats")
-    learner.stats = {r["index"]: {} for r in learner.tasks}  # a trunk without BatchNorm keeps empty ones
-    for key, v in stats.items():
-        _, k, name = key.split("/", 2)
-        learner.stats.setdefault(int(k), {})[name] = v.to(learner.device)
+    try:  # tensors of the wrong name, shape or dtype for this run: one line, not a loader's traceback
+        for r in learner.tasks:
+            k = str(r["index"])
+            w, b = heads.get(f"head/{k}/weight"), heads.get(f"head/{k}/bias")
+            if w is None or b is None or w.ndim != 2 or tuple(b.shape) != (len(r["classes"]),):
+                raise StateFileError(f"heads file in {d} has no head of {len(r['classes'])} classes for task "
+                                     f"{r['id']}", "restore the run")
+            head = learner.model.add_head(r["index"], w.shape[0])
+            head.load_state_dict({"weight": w, "bias": b})
+        learner.stats = {r["index"]: {} for r in learner.tasks}  # a trunk without BatchNorm keeps empty ones
+        for key, v in stats.items():
+            _, k, name = key.split("/", 2)
+            learner.stats.setdefault(int(k), {})[name] = v.to(learner.device)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise StateFileError(f"heads or statistics in {d} do not fit this run ({type(e).__name__}: {clip(e, 80)})",
+                             "restore the run directory from a backup, or re-train") from None
     cons, _ = load_tensors(d / "consolidation.safetensors", fmt="anpyc.consolidation")
     learner.omega = {k[6:]: v.to(learner.device) for k, v in cons.items() if k.startswith("omega/")}
     learner.anchor = {k[7:]: v.to(learner.device) for k, v in cons.items() if k.startswith("anchor/")}
@@ -207,13 +211,14 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
     """A learner rebuilt from run directory ``out_dir`` (locked for writing when ``lock``): the backbone from its
     record (a name; a custom module only from ``model``), the units from the saved layout, then the committed
     generation. Everything the files choose is checked before the directory is touched (locked, cleaned)."""
-    manifest = RunDir(out_dir, lock=False).manifest()
+    manifest = RunDir(out_dir, lock=False).manifest()  # every field checked (anpyc.runfiles)
+    where = f"run manifest {Path(out_dir) / 'run.json'}"
     try:
         config = from_dict(LearnerConfig, manifest["config"])
-        spec = InputSpec.from_dict(manifest["input_spec"])
-        backbone = manifest["backbone"]
-    except (KeyError, TypeError) as e:
-        raise RunDirError(f"run manifest in {out_dir} is incomplete ({e})", "re-create the run") from None
+    except ConfigError as e:
+        raise RunDirError(f"{where}: {e.problem}", e.fix or "restore run.json or re-create the run") from None
+    spec = InputSpec.from_dict(manifest["input_spec"], where, error=RunDirError, fix="restore run.json")
+    backbone = manifest["backbone"]
     named = name_from_record(backbone, f"run {out_dir}")
     if model is None:
         if named is None:

@@ -9,12 +9,15 @@ returning a ``LearnerConfig`` (:mod:`anpyc.presets`, re-exported here); user ove
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, clip
+
+_MAX_NUMBER = 2 ** 53  # an integer count, size or seed beyond it is no setting (and a float holds it exactly)
 
 __all__ = [
     "OptimConfig",
@@ -37,7 +40,7 @@ __all__ = [
 
 def _choice(key: str, value: Any, registry: Any) -> None:
     if value not in registry:
-        raise ConfigError(f"config key {key!r} has unknown value {value!r}",
+        raise ConfigError(f"config key {key!r} has unknown value {clip(repr(value), 60)}",
                           f"choose one of: {', '.join(sorted(registry))}")
 
 
@@ -256,15 +259,17 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         from .precision import AMP
+        from .presets import METHODS
 
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"config key 'method' must be a non-empty string, got {self.method!r}",
                               'write e.g. method = "anpyc"')
+        _choice("method", self.method, METHODS)  # a run records its preset; one this anpyc lacks is no recipe
         _choice("replay", self.replay, REPLAY)
         _choice("inference", self.inference, INFERENCE)
         _choice("amp", self.amp, AMP)
-        _range("workers", self.workers, low=-1)
-        _range("threads", self.threads, low=0)
+        _range("workers", self.workers, low=-1, high=1024)
+        _range("threads", self.threads, low=0, high=4096)
         _range("eval_batch_size", self.eval_batch_size, low=1)
 
     def replace(self, **changes: Any) -> "LearnerConfig":
@@ -299,23 +304,29 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         return from_dict(tp, value, _prefix=path + ".")
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key {path!r} must be a number, got {value!r}", "write e.g. 0.01")
+            raise ConfigError(f"config key {path!r} must be a number, got {clip(repr(value), 40)}", "write e.g. 0.01")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key {path!r} must be a finite number, got {clip(repr(value), 40)}",
+                              "write e.g. 0.01")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {path!r} must be an integer, got {value!r}", "write e.g. 3")
+            raise ConfigError(f"config key {path!r} must be an integer, got {clip(repr(value), 40)}", "write e.g. 3")
+        if abs(value) > _MAX_NUMBER:
+            raise ConfigError(f"config key {path!r} is {clip(value, 24)}, beyond +-2**53", "write e.g. 3")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key {path!r} must be true or false, got {value!r}", "write true or false")
+            raise ConfigError(f"config key {path!r} must be true or false, got {clip(repr(value), 40)}",
+                              "write true or false")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"config key {path!r} must be a string, got {value!r}", "quote the value")
+            raise ConfigError(f"config key {path!r} must be a string, got {clip(repr(value), 40)}", "quote the value")
         return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key {path!r} must be a list, got {value!r}", "write e.g. [1, 2]")
+            raise ConfigError(f"config key {path!r} must be a list, got {clip(repr(value), 40)}", "write e.g. [1, 2]")
         args = typing.get_args(tp)
         inner = args[0] if args else Any
         return tuple(_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value))
@@ -328,11 +339,10 @@ def from_dict(cls: type, data: dict[str, Any], *, _prefix: str = "") -> Any:
         raise ConfigError(f"config {_prefix or cls.__name__} must be a mapping", "check the file's structure")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted((k for k in data if k not in names), key=repr)  # YAML keys may be numbers, null, ...
     if unknown:
-        raise ConfigError(
-            f"unknown config key {_prefix + unknown[0]!r}", f"valid keys here: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown config key {clip(_prefix + str(unknown[0]), 80)!r}",
+                          f"valid keys here: {', '.join(sorted(names))}")
     kwargs = {k: _check_type(_prefix + k, v, hints[k]) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RunDirError
+from .errors import AnpycError, RunDirError, clip
 from .fileio import atomic_write_json, read_json, sha256_file
+from .runfiles import check_manifest
 
 __all__ = ["RunDir", "RUN_FORMAT", "RUN_VERSION", "RUN_READS"]
 
@@ -85,8 +87,8 @@ class RunDir:
         if not state.is_dir():
             return
         try:
-            committed = read_json(self.manifest_path).get("generation") if self.manifest_path.exists() else None
-        except Exception:
+            committed = self.manifest().get("generation") if self.manifest_path.exists() else None
+        except AnpycError:
             return  # an unreadable manifest: leave everything for the user to look at
         for p in state.iterdir():
             if p.name.startswith(".") or (p.name.isdigit() and committed is not None and int(p.name) != committed):
@@ -116,27 +118,42 @@ class RunDir:
         if not isinstance(m, dict) or m.get("format") != RUN_FORMAT:
             raise RunDirError(f"{self.manifest_path} is not an anpyc run manifest",
                               "pass the directory given to --out when training")
-        if m.get("version") not in RUN_READS:
-            raise RunDirError(f"run {self.path} has format version {m.get('version')}, this anpyc reads "
+        version = m.get("version")
+        if isinstance(version, bool) or version not in RUN_READS:
+            raise RunDirError(f"run {self.path} has format version {clip(version, 40)}, this anpyc reads "
                               f"{list(RUN_READS)}",
                               "use the anpyc version that wrote it")
-        return m
+        return check_manifest(m, f"run manifest {self.manifest_path}")
 
     def state_dir(self) -> Path:
-        """The committed generation; every file it lists must be present and unchanged."""
+        """The committed generation; every file it lists must be present, a regular file and unchanged, and it may
+        hold no file the manifest does not list (run.json names plain file names only: nothing outside it is read)."""
         m = self.manifest()
         gen = m.get("generation")
         if gen is None:
             raise RunDirError(f"run {self.path} has no committed state yet", "train at least one epoch first")
-        d = self.path / "state" / f"{int(gen):06d}"
-        for name, digest in (m.get("files") or {}).items():
+        d = self.path / "state" / f"{gen:06d}"
+        if not d.is_dir() or d.is_symlink():
+            raise RunDirError(f"run {self.path} is missing its committed generation state/{gen:06d}",
+                              "restore the run directory from a backup, or re-train")
+        files = m.get("files") or {}
+        for name, digest in files.items():
             f = d / name
-            if not f.exists():
+            try:
+                mode = os.lstat(f).st_mode
+            except FileNotFoundError:
                 raise RunDirError(f"run {self.path} is missing {f.relative_to(self.path)}",
-                                  "restore the file, or re-run training with --resume from an intact copy")
-            if digest and sha256_file(f) != digest:
+                                  "restore the file, or re-run training with --resume from an intact copy") from None
+            if not stat.S_ISREG(mode):
+                raise RunDirError(f"{f.relative_to(self.path)} in run {self.path} is not a regular file",
+                                  "restore the file from a backup or re-train")
+            if sha256_file(f) != digest:
                 raise RunDirError(f"{f.relative_to(self.path)} in run {self.path} is corrupt (checksum mismatch)",
                                   "restore the file from a backup or re-train")
+        extra = sorted(p.name for p in d.iterdir() if p.name not in files)
+        if extra:
+            raise RunDirError(f"state/{gen:06d} in run {self.path} holds {clip(extra[0], 60)!r}, which run.json "
+                              "does not list", "remove the file, or restore the run directory from a backup")
         return d
 
     # ------------------------------------------------------------------ commit

@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from .errors import DataError
+from .errors import AnpycError, DataError
+from .validate import Fields
 
-__all__ = ["InputSpec", "Task", "TaskStream", "check_task"]
+__all__ = ["InputSpec", "Task", "TaskStream", "check_task", "MAX_INPUT_ELEMENTS", "CROP_PCT"]
+
+# Bounds of an input spec read from a file (run.json, a sidecar): one sample is at most 16,777,216 values (64 MiB as
+# float32; 3 x 2364 x 2364 images, larger than any timm model's input), so a file cannot make a reader allocate
+# more than that per sample; crop_pct within timm's use (0.875, 0.9, 0.95, 1.0, ...) with room both ways.
+MAX_INPUT_ELEMENTS = 1 << 24
+CROP_PCT = (0.1, 2.0)
+KINDS = ("image", "vector")
 
 
 @dataclass(frozen=True)
@@ -38,16 +46,31 @@ class InputSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
-        return cls(
-            kind=str(d.get("kind", "image")),
-            shape=tuple(int(v) for v in d["shape"]),
-            mean=tuple(float(v) for v in d.get("mean", ())),
-            std=tuple(float(v) for v in d.get("std", ())),
-            interpolation=str(d.get("interpolation", "bilinear")),
-            crop_pct=float(d.get("crop_pct", 1.0)),
-            color_mode=str(d.get("color_mode", "RGB")),
-        )
+    def from_dict(cls, d: Any, where: str = "input spec", *, error: type[AnpycError] = DataError,
+                  fix: str = "pass an input spec as InputSpec.to_dict() writes it", path: str = "input_spec"
+                  ) -> "InputSpec":
+        """The spec a file records, every field checked (types, finite values, a sample of at most
+        :data:`MAX_INPUT_ELEMENTS` values): a bad one raises ``error`` naming ``where`` and the field."""
+        f = Fields(d, where, error=error, fix=fix, path=path)
+        kind = f.string("kind", choices=KINDS, optional=True, default="image")
+        image = kind == "image"
+        shape = f.ints("shape", low=1, high=MAX_INPUT_ELEMENTS, min_len=3 if image else 1, max_len=3 if image else 4)
+        if image and not 1 <= shape[0] <= 4:
+            f.fail("shape", f"has {shape[0]} channels; an image has 1 to 4")
+        size = 1
+        for v in shape:
+            size *= v
+        if size > MAX_INPUT_ELEMENTS:
+            f.fail("shape", f"{list(shape)} holds {size:,} values per sample, more than {MAX_INPUT_ELEMENTS:,}")
+        width = shape[0] if image else MAX_INPUT_ELEMENTS
+        mean = f.numbers("mean", low=-1e4, high=1e4, max_len=width, optional=True, default=[])
+        std = f.numbers("std", low=1e-4, high=1e4, max_len=width, optional=True, default=[])
+        if image and (len(mean) != shape[0] or len(std) != shape[0]):
+            f.fail("mean", f"and std have {len(mean)} and {len(std)} values for {shape[0]} channels")
+        return cls(kind=kind, shape=tuple(shape), mean=tuple(mean), std=tuple(std),
+                   interpolation=f.string("interpolation", max_len=32, optional=True, default="bilinear"),
+                   crop_pct=f.number("crop_pct", low=CROP_PCT[0], high=CROP_PCT[1], optional=True, default=1.0),
+                   color_mode=f.string("color_mode", max_len=16, optional=True, default="RGB"))
 
 
 @dataclass(frozen=True)

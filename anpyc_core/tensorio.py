@@ -17,8 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
-from .errors import StateFileError
-from .fileio import atomic_write_bytes, sha256_bytes
+from .errors import StateFileError, clip
+from .fileio import atomic_write_bytes, read_regular, sha256_bytes
 
 __all__ = ["save_tensors", "load_tensors", "read_metadata"]
 
@@ -46,7 +46,7 @@ def save_tensors(
 def _parse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.exists():
         raise StateFileError(f"state file {path} is missing", "check the path, or resume/re-run to re-create it")
-    raw = path.read_bytes()
+    raw = read_regular(path, what="state file", fix="restore it from a backup or re-run the step that writes it")
     if len(raw) < 8:
         raise StateFileError(f"state file {path} is truncated ({len(raw)} bytes)", "restore it or re-run the step")
     header_len = int.from_bytes(raw[:8], "little")
@@ -55,11 +55,14 @@ def _parse(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                              "restore it from a backup or re-run the step that writes it")
     try:
         header = json.loads(raw[8: 8 + header_len])
+        meta = header.get("__metadata__") or {} if isinstance(header, dict) else None
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ValueError("the header or its metadata is not a string table")
         tensors = st_load_bytes(raw)
-    except (SafetensorError, ValueError, json.JSONDecodeError, RuntimeError) as e:
+    except (SafetensorError, ValueError, RecursionError, RuntimeError, TypeError, OverflowError) as e:
         raise StateFileError(f"state file {path} is corrupt ({type(e).__name__})",
                              "restore it from a backup or re-run the step that writes it") from None
-    return tensors, dict(header.get("__metadata__") or {})
+    return tensors, dict(meta)
 
 
 def load_tensors(
@@ -72,21 +75,22 @@ def load_tensors(
     p = Path(path)
     tensors, meta = _parse(p)
     if meta.get("format") != fmt:
-        raise StateFileError(f"{p} is a {meta.get('format') or 'foreign'!s} file, not {fmt}",
+        raise StateFileError(f"{p} is a {clip(meta.get('format') or 'foreign', 40)} file, not {fmt}",
                              "pass the right file; anpyc state files say what they are in their metadata")
     try:
         version = int(meta.get("version", "-1"))
     except ValueError:
         version = -1
     if version not in versions:
-        raise StateFileError(f"{p} has schema version {meta.get('version')}, this anpyc reads {list(versions)}",
+        raise StateFileError(f"{p} has schema version {clip(meta.get('version'), 40)}, this anpyc reads "
+                             f"{list(versions)}",
                              "use the anpyc version that wrote it, or re-create the file")
     out: dict[str, Any] = dict(meta)
     out["version"] = version
     if "schema" in meta:
         try:
             out["schema"] = json.loads(meta["schema"])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise StateFileError(f"{p} has an unreadable schema in its metadata", "re-create the file") from None
     return tensors, out
 

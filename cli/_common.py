@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,15 @@ from typing import Any, Callable
 import typer
 
 __all__ = ["user_errors", "fail", "console", "err_console", "is_tty", "parse_value", "parse_assignments",
-           "read_config_file", "flatten", "is_number"]
+           "read_config_file", "flatten", "is_number", "printable"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: object) -> str:
+    """``text`` with control characters (terminal escape codes, newlines, bells) written as ``\\xNN``: a task,
+    class or file name read from a file must not reach the terminal raw (rich passes ESC through)."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def fail(problem: str, fix: str) -> "typer.Exit":

@@ -18,7 +18,7 @@ from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-from ._common import is_number
+from ._common import is_number, printable
 
 __all__ = ["Col", "BlockedTable", "Joined", "titled", "accuracy_table", "task_table", "headline", "print_summary",
            "fmt_count", "legend"]
@@ -147,7 +147,7 @@ class BlockedTable:
 
 
 def _tasks(metrics: dict) -> list[tuple[Any, str]]:
-    return [(t["id"], str(t["name"])) for t in metrics.get("tasks") or []]
+    return [(t["id"], printable(t["name"])) for t in metrics.get("tasks") or []]
 
 
 def accuracy_table(matrix: Sequence[Sequence[float | None]], tasks: Sequence[tuple[Any, str]], *,
@@ -200,7 +200,7 @@ def task_table(metrics: dict) -> Group:
         secs = nth("seconds", k)
         cap = nth("capacity", k)
         rows.append([
-            Text(f"{t['id']}:{t['name']}"),
+            Text(f"{t['id']}:{printable(t['name'])}"),
             str(len(t.get("classes") or [])),
             f"{100 * now:.1f}%" if is_number(now) else "-",
             f"{100 * learned:.1f}%" if is_number(learned) else "-",

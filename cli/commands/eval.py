@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .._common import parse_assignments
+from .._common import parse_assignments, printable
 
 
 class Split(str, Enum):
@@ -111,14 +111,15 @@ def command(
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         change = r["accuracy"] - r["learned"] if r["learned"] is not None else None
-        table.add_row(Text(f"{r['task']}:{r['name']}"), fmt_count(r["samples"]), f"{100 * r['accuracy']:.1f}%",
+        table.add_row(Text(f"{r['task']}:{printable(r['name'])}"), fmt_count(r["samples"]),
+                      f"{100 * r['accuracy']:.1f}%",
                       "-" if r["learned"] is None else f"{100 * r['learned']:.1f}%",
                       "-" if change is None else f"{100 * change:+.1f} pts")
     con.print(titled(f"{split.value} accuracy of {run} ({learner.backbone_name}, {learner.config.method}) on "
                      f"{src.describe()}", table))
     if split is Split.test and task is None and len(learner.acc_test) > 1:
         con.print()
-        con.print(accuracy_table(learner.acc_test, [(r["task"], r["name"]) for r in rows],
+        con.print(accuracy_table(learner.acc_test, [(r["task"], printable(r["name"])) for r in rows],
                                  title="recorded during training (test accuracy %, row = after learning task)"))
     parts = [f"ACC {100 * result['acc']:.1f}%"]
     if "bwt" in result:

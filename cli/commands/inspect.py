@@ -53,21 +53,28 @@ def command(
     import torch
     from rich.text import Text
 
+    from anpyc.errors import StateFileError
     from anpyc.io import load_tensors, read_json
-    from anpyc.maskfile import MASKS_FORMAT, MASKS_READS, schema_tasks
+    from anpyc.maskfile import MASKS_FORMAT, MASKS_READS, check_masks, schema_tasks
     from anpyc.masks import FREE
     from anpyc.rundir import RunDir
+    from anpyc.runfiles import check_state
 
-    from .._common import console
+    from .._common import console, printable
     from ..report import BlockedTable, Col, fmt_count, headline, task_table, titled
 
     rd = RunDir(run, create=False, lock=False)
-    manifest = rd.manifest()
-    state_dir = rd.state_dir()  # checks that every committed file is present and unchanged
-    state = read_json(state_dir / "state.json", what="run state")
+    manifest = rd.manifest()  # every field checked (anpyc.runfiles)
+    state_dir = rd.state_dir()  # checks that every committed file is present, unchanged and listed
+    state = check_state(read_json(state_dir / "state.json", what="run state"), f"run state {state_dir / 'state.json'}",
+                        manifest)
     mask_path = state_dir / "masks.safetensors"
     tensors, meta = load_tensors(mask_path, fmt=MASKS_FORMAT, versions=MASKS_READS)
-    schema = meta.get("schema") or {}
+    schema = meta.get("schema")
+    check_masks(tensors, schema, mask_path)  # owners of the right length and dtype, each a recorded task or free
+    if len(schema_tasks(schema)) != len(state["tasks"]):
+        raise StateFileError(f"mask file {mask_path} records {len(schema_tasks(schema))} task(s), the run state "
+                             f"{len(state['tasks'])}", "restore the run directory from a backup, or re-train")
     owners = tensors["owners"].to(torch.long)
     n_units = int(owners.numel())
     records = state.get("tasks") or []
@@ -113,10 +120,10 @@ def command(
     kw = ", ".join(f"{k}={v}" for k, v in (bb.get("kwargs") or {}).items())
     con.print(Text.assemble(("run ", "bold"), str(run), f"  (generation {manifest.get('generation')}, "
                             f"anpyc {manifest.get('anpyc_version')})"))
-    con.print(f"backbone {bb.get('name')}{'(' + kw + ')' if kw else ''}, input {spec.get('kind')} "
+    con.print(printable(f"backbone {bb.get('name')}{'(' + kw + ')' if kw else ''}, input {spec.get('kind')} "
               f"{'x'.join(map(str, spec.get('shape') or []))}, method {metrics['method']}, "
               f"{schema.get('granularity')} granularity: {n_units:,} units in {len(segments)} "
-              f"{'tensors' if schema.get('granularity') == 'element' else 'groups'}", highlight=False, markup=False)
+              f"{'tensors' if schema.get('granularity') == 'element' else 'groups'}"), highlight=False, markup=False)
     if isinstance(bb.get("weights"), dict):
         from anpyc.weights import describe_weights
 
@@ -133,7 +140,7 @@ def command(
         con.print()
     if groups and segments and records:
         kind = "tensor" if schema.get("granularity") == "element" else "group"
-        rows = [[Text(g["name"]), Text(g["kind"]), f"{g['size']:,}",
+        rows = [[Text(printable(g["name"])), Text(printable(g["kind"])), f"{g['size']:,}",
                  *(f"{g['owned'][r['id']]:,}" for r in records), f"{g['free']:,}"] for g in per_group]
         rows.append([Text("total", style="bold"), "", f"{n_units:,}",
                      *(Text(f"{owned_now[r['id']]:,}", style="bold") for r in records),
@@ -149,7 +156,7 @@ def command(
         for e in growth:
             by_task.setdefault(int(e.get("task", -1)), []).append(e)
         rows = [[str(t), str(len(es)), f"{sum(int(e.get('units', 0)) for e in es):,}",
-                 Text(", ".join(f"{e.get('group')} +{e.get('units')} -> {e.get('width')}" for e in es))]
+                 Text(printable(", ".join(f"{e.get('group')} +{e.get('units')} -> {e.get('width')}" for e in es)))]
                 for t, es in sorted(by_task.items())]
         grown = [g for g in per_group if g["size"] != g["base_size"]]
         con.print(titled(f"growth: {len(growth)} widening(s), {sum(g['size'] - g['base_size'] for g in grown):,} "
