@@ -17,7 +17,6 @@ The core never reads this file; a run trained from Python has none, and ``anpyc 
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,17 +46,27 @@ class DataSource:
 
     @classmethod
     def from_dict(cls, doc: Any, where: str) -> "DataSource":
-        from anpyc.errors import RunDirError
+        """The record in ``doc`` with every field checked: kind, a source name or path (at most 4,096 characters),
+        at most 64 options of plain JSON values (names of at most 64 characters), a task count or null."""
+        from anpyc.errors import RunDirError, clip
+        from anpyc.validate import MAX_TASKS, Fields
 
+        fix = "pass --data BENCHMARK|DIR to say what to use"
         if not isinstance(doc, dict) or doc.get("format") != DATA_FORMAT:
-            raise RunDirError(f"{where} is not an anpyc data record", "pass --data BENCHMARK|DIR to say what to use")
-        if doc.get("version") != DATA_VERSION:
-            raise RunDirError(f"{where} has version {doc.get('version')}, this anpyc reads {DATA_VERSION}",
-                              "pass --data BENCHMARK|DIR to say what to use")
-        kind, source, options, tasks = doc.get("kind"), doc.get("source"), doc.get("options") or {}, doc.get("tasks")
-        if kind not in ("benchmark", *_GENERIC) or not isinstance(source, str) or not isinstance(options, dict) \
-                or not (tasks is None or (isinstance(tasks, int) and tasks > 0)):
-            raise RunDirError(f"{where} is malformed", "pass --data BENCHMARK|DIR to say what to use")
+            raise RunDirError(f"{where} is not an anpyc data record", fix)
+        version = doc.get("version")
+        if isinstance(version, bool) or version != DATA_VERSION:
+            raise RunDirError(f"{where} has version {clip(version, 30)}, this anpyc reads {DATA_VERSION}", fix)
+        f = Fields(doc, where, error=RunDirError, fix=fix)
+        kind = f.string("kind", choices=("benchmark", *_GENERIC))
+        source = f.string("source", max_len=4096)
+        options = f.mapping("options", max_len=64, optional=True, null=True, default={}) or {}
+        for key, value in options.items():
+            f.check_string("options", key, max_len=64)
+            if not _plain_value(value):
+                f.fail(f"options.{key}", "is not a plain value (a string, number, true/false, null or a short list "
+                                         "of them)")
+        tasks = f.int("tasks", low=1, high=MAX_TASKS, optional=True, null=True)
         return cls(kind, source, dict(options), tasks)
 
     def describe(self) -> str:
@@ -100,6 +109,21 @@ class DataSource:
         return stream
 
 
+def _plain_value(value: Any, depth: int = 0) -> bool:
+    """A JSON scalar (finite numbers, strings of at most 4,096 characters), or a list of at most 64 of them."""
+    import math
+
+    if value is None or isinstance(value, bool) or isinstance(value, int) and abs(value) <= 2 ** 53:
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, str):
+        return len(value) <= 4096
+    if isinstance(value, list) and depth == 0:
+        return len(value) <= 64 and all(_plain_value(v, 1) for v in value)
+    return False
+
+
 def resolve_source(data: str, *, options: dict[str, Any] | None = None, tasks: int | None = None,
                    base: Path | None = None) -> DataSource:
     """Turn ``--data`` into a :class:`DataSource`; relative paths are taken from ``base`` (default: the cwd)."""
@@ -132,13 +156,13 @@ def read_source(run: Path) -> DataSource | None:
     """The data record of run ``run``, or None when the run has none (it was trained from Python)."""
     from anpyc.errors import RunDirError
 
+    from anpyc.fileio import read_json
+
     path = Path(run) / DATA_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RunDirError(f"{path} is unreadable ({e})", "pass --data BENCHMARK|DIR to say what to use") from None
+    doc = read_json(path, what="data record", error=RunDirError, invalid_fix="pass --data BENCHMARK|DIR to say what "
+                    "to use", max_bytes=1 << 20)
     return DataSource.from_dict(doc, str(path))
 
 

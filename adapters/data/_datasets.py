@@ -13,13 +13,26 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from anpyc.errors import ConfigError
+from anpyc.errors import ConfigError, clip
+
+
+# The largest value of each option: beyond them a stream is no benchmark but a memory bomb (a run's data.json,
+# which anyone may have written, is read back through here by eval and --resume).
+OPTION_CAPS = {"img_size": 4096, "num_tasks": 1000, "classes_per_task": 1000, "samples_per_class": 1_000_000,
+               "dim": 1 << 24}
+# Streams encode a small source once into memory (precompute) only when it fits in this many bytes; a larger one
+# encodes per item, same values.
+PRECOMPUTE_BYTES = 1 << 30
 
 
 def positive_int(name: str, value: object) -> int:
-    """A stream option that must be a positive integer (``num_tasks``, ``limit``, ``img_size``, ...)."""
+    """A stream option that must be a positive integer (``num_tasks``, ``limit``, ``img_size``, ...), at most its
+    :data:`OPTION_CAPS` entry."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass e.g. {name}=4")
+        raise ConfigError(f"{name} must be a positive integer, got {clip(repr(value), 40)}", f"pass e.g. {name}=4")
+    high = OPTION_CAPS.get(name)
+    if high is not None and value > high:
+        raise ConfigError(f"{name} is {clip(value, 30)}, more than {high:,}", f"pass {name} <= {high}")
     return int(value)
 
 __all__ = [

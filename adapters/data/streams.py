@@ -21,13 +21,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from anpyc.errors import ConfigError
+from anpyc.errors import ConfigError, clip
 from anpyc.registry import Registry
 from anpyc.task import InputSpec, Task, TaskStream
 
 from . import download as _dl
 from . import offline as _off
-from ._datasets import ImageArrayDataset, LazyDataset, MemoryDataset, VectorEncoder, positive_int, vectorize
+from ._datasets import (PRECOMPUTE_BYTES, ImageArrayDataset, LazyDataset, MemoryDataset, VectorEncoder, positive_int,
+                        vectorize)
 from ._source import SPLITS, ImageSource
 from .folder import folder_stream, manifest_stream
 from .synthetic import synthetic_stream
@@ -41,18 +42,42 @@ _LUMA = (0.299, 0.587, 0.114)  # PIL's RGB -> L weights
 
 
 def make_stream(name: str, **kwargs: Any) -> TaskStream:
-    """Build the stream registered as ``name``; ``kwargs`` must be among the builder's keyword arguments."""
+    """Build the stream registered as ``name``; ``kwargs`` must be among the builder's keyword arguments, each of
+    the type its annotation names (int, float, bool, str, paths, or None where allowed)."""
     builder = STREAMS.get(name)
     params = inspect.signature(builder).parameters
-    unknown = sorted(set(kwargs) - set(params))
+    unknown = sorted(set(kwargs) - set(params), key=str)
     if unknown:
-        raise ConfigError(
-            f"stream {name!r} does not take {', '.join(unknown)}", f"valid options: {', '.join(params) or 'none'}"
-        )
+        raise ConfigError(f"stream {name!r} does not take {clip(', '.join(map(str, unknown)), 80)}",
+                          f"valid options: {', '.join(params) or 'none'}")
     missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
     if missing:
         raise ConfigError(f"stream {name!r} needs {', '.join(missing)}", f"pass {missing[0]}=...")
+    for key, value in kwargs.items():
+        _check_option(name, key, value, params[key].annotation)
     return builder(**kwargs)
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,), "os.PathLike": (str, os.PathLike),
+          "PathLike": (str, os.PathLike), "Path": (str, os.PathLike), "None": (type(None),)}
+
+
+def _check_option(stream: str, key: str, value: Any, annotation: Any) -> None:
+    """``value`` is of a type ``annotation`` (a type or its text, unions with ``|``) allows; an annotation naming
+    anything else (an InputSpec, Any) is not checked here."""
+    if annotation is inspect.Parameter.empty:
+        return
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = [t.strip().removeprefix("typing.") for t in str(text).split("|")]
+    if not all(n in _KINDS for n in names):
+        return
+    kinds = tuple(k for n in names for k in _KINDS[n])
+    ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if ok and isinstance(value, float) and not np.isfinite(value):
+        ok = False
+    if not ok:
+        raise ConfigError(f"stream {stream!r} option {key!r} must be {' or '.join(names)}, got "
+                          f"{clip(repr(value), 40)}", f"pass {key} as {names[0]}")
 
 
 def list_streams(pattern: str | None = None) -> list[str]:
@@ -167,12 +192,14 @@ def _dataset(
     angle: float = 0.0,
     perm: torch.Tensor | None = None,
 ) -> Dataset:
-    """One split of one task: rows of ``source`` with task-local ``labels``."""
+    """One split of one task: rows of ``source`` with task-local ``labels``. A source is encoded into memory once
+    only when that fits in :data:`PRECOMPUTE_BYTES` (an input spec of huge images encodes per item instead)."""
+    fits = len(source.images) * int(np.prod(spec.shape)) * 4 <= PRECOMPUTE_BYTES
     if angle:
-        if source.precompute:
+        if source.precompute and fits:
             return LazyDataset(len(rows), functools.partial(_rotated, source, spec, rows, labels, angle))
         return ImageArrayDataset(source.images, labels, rows, _encoder(spec), angle=angle)
-    if spec.kind == "vector" or source.precompute:
+    if spec.kind == "vector" or (source.precompute and fits):
         return MemoryDataset(_base(source, spec), labels, rows=rows, perm=perm)
     return ImageArrayDataset(source.images, labels, rows, _encoder(spec))
 

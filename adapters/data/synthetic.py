@@ -30,6 +30,9 @@ def _prototype_images(rng: np.random.Generator, channels: int, h: int, w: int) -
     return proto.permute(1, 2, 0).numpy()  # (h, w, channels)
 
 
+SYNTHETIC_VALUES = 1 << 28  # a synthetic stream is generated in memory: at most ~1 GB of float32
+
+
 def synthetic_stream(
     *,
     num_tasks: int = 3,
@@ -70,6 +73,11 @@ def synthetic_stream(
 
     n_eval = max(2, n_train // 4)
     per_class = n_train + 2 * n_eval
+    values = num_tasks * k * per_class * int(np.prod(spec.shape))
+    if values > SYNTHETIC_VALUES:
+        raise ConfigError(f"a synthetic stream of {num_tasks} tasks x {k} classes x {per_class} samples of shape "
+                          f"{list(spec.shape)} holds {values:,} values, more than {SYNTHETIC_VALUES:,}",
+                          "pass fewer tasks, classes or samples, or a smaller img_size/dim")
     rng = np.random.default_rng(seed)
     # rows of each split, interleaved by class so that any prefix (limit) is balanced
     offsets = {"train": (0, n_train), "val": (n_train, n_eval), "test": (n_train + n_eval, n_eval)}
