@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "load_export": "anpyc.export.runtime",
     "ExportedModels": "anpyc.export.runtime",
     "preprocess_image": "anpyc.export.runtime",
+    "Limits": "anpyc.export.limits",
     # HTTP
     "create_app": "anpyc.export.server",
     "serve": "anpyc.export.server",

@@ -6,10 +6,13 @@
     models.route(["cat.png"])  # task unknown: every task model sees the input, the most certain one answers
     # -> [{"task": 2, "name": "animals", "confidence": 0.87, "predictions": [...], "candidates": [...]}]
 
-On load every ONNX file's sha256 is checked against its sidecar and every path must stay inside the export
-directory. Images are preprocessed exactly like timm's eval transform
-(``timm.data.create_transform(input_size, interpolation=, mean=, std=, crop_pct=, is_training=False)``) after
-``img.convert(color_mode)``; numpy arrays are taken as already preprocessed float tensors.
+On load every field of the manifest and the sidecars is checked (:mod:`anpyc.export.formats`: file names are
+plain names inside the export directory, input specs of bounded size) and every ONNX file's sha256 against its
+sidecar; a session is made from the file's bytes after their sha256 is checked again, so a file replaced after
+loading is refused, never served. Images are decoded within :class:`~anpyc.export.limits.Limits` and preprocessed
+exactly like timm's eval transform (``timm.data.create_transform(input_size, interpolation=, mean=, std=,
+crop_pct=, is_training=False)``) after ``img.convert(color_mode)``; numpy arrays are taken as already preprocessed
+float tensors. Any number of inputs is preprocessed and run 64 at a time.
 """
 
 from __future__ import annotations
@@ -17,30 +20,43 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import threading
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from anpyc.errors import DataError
-from anpyc.fileio import read_json, sha256_file
+from anpyc.errors import DataError, clip
+from anpyc.fileio import read_regular, sha256_bytes, sha256_file
 from anpyc.task import InputSpec
 
 from .errors import ExportDirError, InputShapeError, UnknownTaskError
-from .formats import MANIFEST_FORMAT, READ_VERSIONS, SIDECAR_FORMAT
-from .preprocess import check_spec, open_image, preprocess_image
+from .formats import inside, read_manifest, read_sidecar
+from .limits import Limits
+from .preprocess import load_image, preprocess_image
 
 __all__ = ["ExportedModels", "load_export", "make_session", "preprocess_image", "softmax", "normalized_entropy",
-           "ROUTING_CRITERION"]
+           "ROUTING_CRITERION", "parse_task_id"]
 
-_CHUNK = 64  # samples per onnxruntime call, bounds memory on big batches
+_CHUNK = 64  # samples per onnxruntime call and per preprocessing step: bounds memory on any number of inputs
+MAX_ONNX_BYTES = 2 ** 31  # onnxruntime reads single-file models up to protobuf's 2 GiB
+_TASK_ID = re.compile(r"[+-]?[0-9]{1,10}")  # ASCII digits only: int() also reads '²'-like digits and 5,000 of them
 
 
+def parse_task_id(task: Any) -> int | None:
+    """A task id as an int (an int, or a string of at most 10 ASCII digits), else None."""
+    if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
+        return int(task)
+    if isinstance(task, str) and _TASK_ID.fullmatch(task.strip()):
+        return int(task.strip())
+    return None
 
-def make_session(path: str | os.PathLike, *, threads: int = 1):
-    """An onnxruntime CPU session with explicit threads: ``threads`` intra-op, 1 inter-op, sequential execution."""
+
+def make_session(model: str | os.PathLike | bytes, *, threads: int = 1):
+    """An onnxruntime CPU session (from a path or the model's bytes) with explicit threads: ``threads`` intra-op,
+    1 inter-op, sequential execution."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,24 +64,8 @@ def make_session(path: str | os.PathLike, *, threads: int = 1):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def _read_json(path: Path, what: str) -> Any:
-    return read_json(path, what=what, error=ExportDirError,
-                     missing_fix="export the run first: anpyc export RUN --out DIR",
-                     invalid_fix="re-export the run with anpyc export")
-
-
-def _inside(root: Path, name: Any, what: str) -> Path:
-    """``root / name`` resolved, refusing anything (absolute paths, ``..``, symlinks) that leaves ``root``."""
-    if not isinstance(name, str) or not name:
-        raise ExportDirError(f"{what} names no file ({name!r})", "re-export the run with anpyc export")
-    path = (root / name).resolve()
-    if not path.is_relative_to(root):
-        raise ExportDirError(f"{what} points outside the export directory ({name!r})",
-                             "only load exports you trust; re-export the run with anpyc export")
-    return path
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -96,15 +96,18 @@ ROUTING_CRITERION = "lowest normalised predictive entropy (entropy / log(num_cla
 
 
 class ExportedModels:
-    """The task models of one export directory; sessions are created on first use and cached per task."""
+    """The task models of one export directory; sessions are created on first use (or all at once by
+    :meth:`preload`) from the bytes of each ONNX file, whose sha256 is checked against the sidecar at that moment."""
 
     def __init__(self, export_dir: Path, sidecars: dict[int, dict[str, Any]], *, threads: int = 1,
-                 int8: bool = False):
+                 int8: bool = False, limits: Limits | None = None):
         self.export_dir = export_dir
         self.threads = int(threads)
         self.int8 = bool(int8)
+        self.limits = limits or Limits()
         self._sidecars = sidecars
-        self._specs = {t: InputSpec.from_dict(s["input_spec"]) for t, s in sidecars.items()}
+        self._specs = {t: InputSpec.from_dict(s["input_spec"], str(export_dir), error=ExportDirError)
+                       for t, s in sidecars.items()}
         self._sessions: dict[int, Any] = {}
         self._lock = threading.Lock()
 
@@ -125,26 +128,25 @@ class ExportedModels:
         return self._specs[self._task_id(task)]
 
     def _task_id(self, task: Any) -> int:
-        t: int | None = None
-        if isinstance(task, (int, np.integer)) and not isinstance(task, bool):
-            t = int(task)
-        elif isinstance(task, str) and task.strip().lstrip("-").isdigit():
-            t = int(task)
+        t = parse_task_id(task)
         if t is None or t not in self._sidecars:
-            raise UnknownTaskError(f"unknown task {task!r}; this export holds tasks {self.task_ids}",
-                                   "pass one of those task ids")
+            raise UnknownTaskError(f"unknown task {clip(repr(task), 40)}; this export holds tasks "
+                                   f"{clip(self.task_ids, 80)}", "pass one of those task ids")
         return t
 
-    def model_path(self, task: Any) -> Path:
-        """The ONNX file served for ``task`` (the int8 one when the models were loaded with ``int8=True``)."""
-        t = self._task_id(task)
+    def _served(self, t: int) -> tuple[str, str]:
+        """(file name, sha256) of the ONNX file served for task ``t``."""
         s = self._sidecars[t]
         if not self.int8:
-            return self.export_dir / s["file"]
+            return s["file"], s["onnx_sha256"]
         if not s.get("int8"):
             raise ExportDirError(f"task {t} has no int8 model in {self.export_dir}",
                                  "create it with anpyc export RUN --int8, or drop --int8")
-        return self.export_dir / s["int8"]["file"]
+        return s["int8"]["file"], s["int8"]["onnx_sha256"]
+
+    def model_path(self, task: Any) -> Path:
+        """The ONNX file served for ``task`` (the int8 one when the models were loaded with ``int8=True``)."""
+        return inside(self.export_dir, self._served(self._task_id(task))[0], f"the ONNX file of task {task}")
 
     # --- inference
     def session(self, task: Any):
@@ -152,23 +154,54 @@ class ExportedModels:
         with self._lock:
             sess = self._sessions.get(t)
             if sess is None:
-                sess = make_session(self.model_path(t), threads=self.threads)
-                self._check_session(t, sess)
+                sess = self._open_session(t)
                 self._sessions[t] = sess
+        return sess
+
+    def _open_session(self, t: int):
+        name, digest = self._served(t)
+        path = inside(self.export_dir, name, f"the ONNX file of task {t}")
+        fix = "re-export the task with anpyc export"
+        data = read_regular(path, what=f"the ONNX file of task {t}", error=ExportDirError, fix=fix,
+                            max_bytes=MAX_ONNX_BYTES)
+        actual = sha256_bytes(data)  # the bytes onnxruntime gets are the bytes checked: a file swapped later is
+        if actual != digest:  # never served
+            raise ExportDirError(f"{name} does not match its sidecar (sha256 {actual[:12]}... != {digest[:12]}...): "
+                                 "the file was modified or replaced", fix)
+        try:
+            sess = make_session(data, threads=self.threads)
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...)
+            raise ExportDirError(f"{name} (task {t}) cannot be loaded by onnxruntime ({type(e).__name__}: "
+                                 f"{clip(e, 120)})", fix) from None
+        del data
+        self._check_session(t, sess)
         return sess
 
     def _check_session(self, task: int, sess: Any) -> None:
         shape = self._specs[task].shape
-        inputs = sess.get_inputs()
+        inputs, outputs = sess.get_inputs(), sess.get_outputs()
         s = self._sidecars[task]
         ok = (len(inputs) == 1 and inputs[0].name == s["input_name"] and inputs[0].type == "tensor(float)"
               and len(inputs[0].shape) == 1 + len(shape)
               and all(not isinstance(d, int) or d == e for d, e in zip(inputs[0].shape[1:], shape)))
         if not ok:
             desc = [(i.name, i.type, i.shape) for i in inputs]
-            raise ExportDirError(f"the ONNX model of task {task} takes {desc}, its sidecar says "
-                                 f"{s['input_name']!r} float [batch, {', '.join(map(str, shape))}]",
+            raise ExportDirError(f"the ONNX model of task {task} takes {clip(desc, 120)}, its sidecar says "
+                                 f"{clip(repr(s['input_name']), 40)} float [batch, {', '.join(map(str, shape))}]",
                                  "re-export the task with anpyc export")
+        out = next((o for o in outputs if o.name == s["output_name"]), None)
+        n = len(s["classes"])
+        if out is None or len(out.shape) != 2 or (isinstance(out.shape[1], int) and out.shape[1] != n):
+            desc = [(o.name, o.shape) for o in outputs]
+            raise ExportDirError(f"the ONNX model of task {task} gives {clip(desc, 120)}, its sidecar says "
+                                 f"{clip(repr(s['output_name']), 40)} [batch, {n}] ({n} classes)",
+                                 "re-export the task with anpyc export")
+
+    def preload(self) -> None:
+        """Create every task's session now (each from the bytes whose sha256 was checked) and run it once on a
+        zero input: a model that cannot load or answers in the wrong shape fails here, not on a request."""
+        for t in self.task_ids:
+            self._run(t, np.zeros((1, *self._specs[t].shape), np.float32), check_finite=False)
 
     def preprocess(self, task: Any, inputs: Any, *, names: Sequence[str] | None = None) -> np.ndarray:
         """Inputs (image paths, PIL images, encoded image bytes, or float arrays) -> float32 ``[B, *shape]``.
@@ -176,29 +209,35 @@ class ExportedModels:
         ``names`` (one per input, e.g. upload file names) label the inputs in error messages.
         """
         t = self._task_id(task)
-        spec = self._specs[t]
+        return np.concatenate(list(self._batches(t, inputs, names)), axis=0)
+
+    def _batches(self, t: int, inputs: Any, names: Sequence[str] | None) -> Iterator[np.ndarray]:
+        """Preprocessed batches of at most ``_CHUNK`` inputs (a float array comes whole: it is already in memory)."""
         if isinstance(inputs, np.ndarray):
-            return self._array(t, inputs, "input", batch_ok=True)
+            yield self._array(t, inputs, "input", batch_ok=True)
+            return
         items = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
         if not items:
             raise InputShapeError("no inputs given", "pass at least one image or tensor")
-        rows = []
-        for i, item in enumerate(items):
-            if names is not None and i < len(names):
-                label = str(names[i])
-            else:
-                label = str(item) if isinstance(item, (str, os.PathLike)) else f"#{i}"
-            if isinstance(item, np.ndarray):
-                rows.append(self._array(t, item, f"input {label}", batch_ok=False)[0])
-            elif isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
-                if spec.kind != "image":
-                    raise InputShapeError(f"task {t} takes vectors of shape {list(spec.shape)}, not images",
-                                          "pass float arrays")
-                rows.append(preprocess_image(open_image(item, label), spec))
-            else:
-                raise InputShapeError(f"input {label} is a {type(item).__name__}",
-                                      "pass image paths, PIL images or numpy float arrays")
-        return np.stack(rows).astype(np.float32, copy=False)
+        for start in range(0, len(items), _CHUNK):
+            yield np.stack([self._row(t, item, i, names) for i, item in enumerate(items[start:start + _CHUNK],
+                                                                                 start)]).astype(np.float32)
+
+    def _row(self, t: int, item: Any, i: int, names: Sequence[str] | None) -> np.ndarray:
+        spec = self._specs[t]
+        if names is not None and i < len(names):
+            label = str(names[i])
+        else:
+            label = str(item) if isinstance(item, (str, os.PathLike)) else f"#{i}"
+        if isinstance(item, np.ndarray):
+            return self._array(t, item, f"input {clip(label, 80)}", batch_ok=False)[0]
+        if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
+            if spec.kind != "image":
+                raise InputShapeError(f"task {t} takes vectors of shape {list(spec.shape)}, not images",
+                                      "pass float arrays")
+            return load_image(item, label, spec, self.limits)
+        raise InputShapeError(f"input {clip(label, 80)} is a {type(item).__name__}",
+                              "pass image paths, PIL images or numpy float arrays")
 
     def _array(self, task: int, arr: np.ndarray, label: str, *, batch_ok: bool) -> np.ndarray:
         shape = tuple(self._specs[task].shape)
@@ -211,7 +250,7 @@ class ExportedModels:
         elif not (batch_ok and arr.ndim == len(shape) + 1 and arr.shape[1:] == shape and arr.shape[0] > 0):
             dims = ", ".join(map(str, shape))
             want = f"[{dims}]" + (f" or [batch, {dims}]" if batch_ok else "")
-            got = list(arr.shape)
+            got = clip(list(arr.shape), 60)
             hint = ""
             if len(shape) == 3 and arr.ndim in (3, 4) and arr.shape[-3] != shape[0]:
                 hint = f": it has {arr.shape[-3]} channel(s), the model takes {shape[0]}"
@@ -226,7 +265,8 @@ class ExportedModels:
     def logits(self, task: Any, inputs: Any, *, names: Sequence[str] | None = None) -> np.ndarray:
         """Raw logits ``[B, num_classes]`` for ``inputs`` (see :meth:`preprocess`)."""
         t = self._task_id(task)
-        return self._run(t, self.preprocess(t, inputs, names=names))
+        self.session(t)  # the model and its sidecar agree before any input is decoded
+        return np.concatenate([self._run(t, x) for x in self._batches(t, inputs, names)], axis=0)
 
     def predict(self, task: Any, inputs: Any, top_k: int = 1, *,
                 names: Sequence[str] | None = None) -> list[list[dict[str, Any]]]:
@@ -251,13 +291,17 @@ class ExportedModels:
         """
         _check_top_k(top_k)
         ids = self.task_ids
-        batches: dict[InputSpec, np.ndarray] = {}  # tasks of one export share a spec: preprocess once
-        probs = {}
         for t in ids:
-            spec = self._specs[t]
-            if spec not in batches:
-                batches[spec] = self.preprocess(t, inputs, names=names)
-            probs[t] = softmax(self._run(t, batches[spec]))
+            self.session(t)
+        groups: dict[InputSpec, list[int]] = {}  # tasks of one export share a spec: preprocess once per spec
+        for t in ids:
+            groups.setdefault(self._specs[t], []).append(t)
+        parts: dict[int, list[np.ndarray]] = {t: [] for t in ids}
+        for tasks in groups.values():
+            for x in self._batches(tasks[0], inputs, names):
+                for t in tasks:
+                    parts[t].append(softmax(self._run(t, x)))
+        probs = {t: np.concatenate(parts[t], axis=0) for t in ids}
         conf = np.stack([1.0 - normalized_entropy(probs[t]) for t in ids], axis=1)  # [B, tasks]
         out = []
         for i, row in enumerate(conf):
@@ -268,16 +312,33 @@ class ExportedModels:
                         "candidates": [{"task": ids[int(j)], "confidence": float(row[j])} for j in order]})
         return out
 
-    def _run(self, task: int, x: np.ndarray) -> np.ndarray:
+    def _run(self, task: int, x: np.ndarray, *, check_finite: bool = True) -> np.ndarray:
         sess = self.session(task)
         s = self._sidecars[task]
-        outs = [sess.run([s["output_name"]], {s["input_name"]: x[i:i + _CHUNK]})[0] for i in range(0, len(x), _CHUNK)]
+        n = len(s["classes"])
+        outs = []
+        for i in range(0, len(x), _CHUNK):
+            try:
+                y = sess.run([s["output_name"]], {s["input_name"]: x[i:i + _CHUNK]})[0]
+            except Exception as e:  # inputs were checked; a failure here is the model's (or memory's)
+                raise ExportDirError(f"onnxruntime failed to run the model of task {task} ({type(e).__name__}: "
+                                     f"{clip(e, 120)})", "re-export the task, or send fewer inputs at once") from None
+            if not isinstance(y, np.ndarray) or y.shape != (len(x[i:i + _CHUNK]), n):
+                raise ExportDirError(f"the model of task {task} gives outputs of shape "
+                                     f"{clip(list(getattr(y, 'shape', ())), 40)} for {len(x[i:i + _CHUNK])} "
+                                     f"input(s), its sidecar lists {n} classes", "re-export the task")
+            if check_finite and not np.all(np.isfinite(y)):
+                bad = i + int(np.nonzero(~np.isfinite(y).all(axis=1))[0][0])
+                raise InputShapeError(f"the model of task {task} gives NaN or inf for input #{bad} (values of "
+                                      "extreme magnitude?)", "pass inputs preprocessed as the sidecar's input_spec "
+                                      "says, or the image files themselves")
+            outs.append(y)
         return np.concatenate(outs, axis=0)
 
 
 def _check_top_k(top_k: Any) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-        raise DataError(f"top_k must be a positive integer, got {top_k!r}", "pass top_k >= 1")
+        raise DataError(f"top_k must be a positive integer, got {clip(repr(top_k), 40)}", "pass top_k >= 1")
 
 
 def _top_k(probs: np.ndarray, classes: Sequence[str], top_k: int) -> list[list[dict[str, Any]]]:
@@ -287,68 +348,35 @@ def _top_k(probs: np.ndarray, classes: Sequence[str], top_k: int) -> list[list[d
             for row, p in zip(order, probs)]
 
 
-def _load_sidecar(root: Path, entry: Any) -> dict[str, Any]:
-    if not isinstance(entry, dict) or not isinstance(entry.get("id"), int):
-        raise ExportDirError(f"the manifest of {root} has a malformed task entry ({entry!r})", "re-export the run")
-    task = entry["id"]
-    path = _inside(root, entry.get("sidecar"), f"the sidecar of task {task}")
-    s = _read_json(path, f"sidecar of task {task}")
-    if not isinstance(s, dict) or s.get("format") != SIDECAR_FORMAT:
-        raise ExportDirError(f"{path} is not an anpyc export sidecar", "re-export the run with anpyc export")
-    if s.get("version") not in READ_VERSIONS:
-        raise ExportDirError(f"{path} has sidecar version {s.get('version')}, this anpyc reads {list(READ_VERSIONS)}",
-                             "use the anpyc version that exported it, or re-export")
-    if s.get("task") != task:
-        raise ExportDirError(f"{path} describes task {s.get('task')}, the manifest says {task}", "re-export the run")
-    for key in ("classes", "file", "onnx_sha256", "input_spec", "input_name", "output_name"):
-        if key not in s:
-            raise ExportDirError(f"{path} lacks {key!r}", "re-export the run with anpyc export")
-    try:
-        spec = InputSpec.from_dict(s["input_spec"])
-    except (KeyError, TypeError, ValueError):
-        raise ExportDirError(f"{path} has an unreadable input_spec", "re-export the run with anpyc export") from None
-    check_spec(spec, str(path))
-    files = [(s["file"], s["onnx_sha256"])]
-    q = s.get("int8")
-    if q is not None:
-        if not isinstance(q, dict) or "file" not in q:
-            raise ExportDirError(f"{path} has a malformed int8 entry", "re-run the int8 export (anpyc export --int8)")
-        files.append((q["file"], q.get("onnx_sha256")))
-    for name, digest in files:
-        onnx_path = _inside(root, name, f"the ONNX file of task {task}")
-        if not onnx_path.is_file():
-            raise ExportDirError(f"the ONNX file {name} of task {task} is missing", "re-export the task")
-        actual = sha256_file(onnx_path)
-        if actual != digest:
-            raise ExportDirError(f"{name} does not match its sidecar (sha256 {actual[:12]}... != "
-                                 f"{str(digest)[:12]}...): the file was modified or replaced",
-                                 "re-export the task with anpyc export")
-    return s
-
-
-def load_export(export_dir: str | os.PathLike, *, threads: int = 1, int8: bool = False) -> ExportedModels:
-    """Open an export directory: check its manifest, every sidecar and every ONNX file's sha256.
+def load_export(export_dir: str | os.PathLike, *, threads: int = 1, int8: bool = False,
+                limits: Limits | None = None, preload: bool = False) -> ExportedModels:
+    """Open an export directory: check its manifest, every sidecar (every field, :mod:`anpyc.export.formats`)
+    and every ONNX file's sha256.
 
     ``threads`` is onnxruntime's intra-op thread count per session (inter-op is 1). ``int8`` serves the quantized
     models (``task-NNN.int8.onnx``) instead of the float32 ones; a task without one raises when it is used.
+    ``limits`` bounds what one decoded image may cost (:class:`~anpyc.export.limits.Limits`). ``preload`` creates
+    every session now (:meth:`ExportedModels.preload`) instead of on first use. The sha256 is checked again on
+    the bytes each session is made from, so a file replaced after this call is refused, never served.
     """
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DataError(f"threads must be a positive integer, got {threads!r}", "pass threads >= 1")
+        raise DataError(f"threads must be a positive integer, got {clip(repr(threads), 30)}", "pass threads >= 1")
     root = Path(export_dir).resolve()
     if not root.is_dir():
         raise ExportDirError(f"export directory {export_dir} does not exist", "check the path, or run anpyc export")
-    manifest = _read_json(root / "manifest.json", "export manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ExportDirError(f"{root / 'manifest.json'} is not an anpyc export manifest", "pass an export directory")
-    if manifest.get("version") not in READ_VERSIONS:
-        raise ExportDirError(f"the manifest has version {manifest.get('version')}, this anpyc reads "
-                             f"{list(READ_VERSIONS)}", "use the anpyc version that exported it, or re-export")
-    entries = manifest.get("tasks")
-    if not isinstance(entries, list) or not entries:
-        raise ExportDirError(f"the manifest of {root} lists no tasks", "re-export the run with anpyc export")
     sidecars: dict[int, dict[str, Any]] = {}
-    for entry in entries:
-        s = _load_sidecar(root, entry)
+    for entry in read_manifest(root):
+        s = read_sidecar(root, entry)
+        files = [(s["file"], s["onnx_sha256"])] + ([(s["int8"]["file"], s["int8"]["onnx_sha256"])]
+                                                    if s.get("int8") else [])
+        for name, digest in files:  # fail fast; each session checks its bytes again when it is made
+            actual = sha256_file(inside(root, name, f"the ONNX file of task {s['task']}"))
+            if actual != digest:
+                raise ExportDirError(f"{name} does not match its sidecar (sha256 {actual[:12]}... != "
+                                     f"{digest[:12]}...): the file was modified or replaced",
+                                     "re-export the task with anpyc export")
         sidecars[s["task"]] = s
-    return ExportedModels(root, dict(sorted(sidecars.items())), threads=threads, int8=int8)
-
+    models = ExportedModels(root, dict(sorted(sidecars.items())), threads=threads, int8=int8, limits=limits)
+    if preload:
+        models.preload()
+    return models

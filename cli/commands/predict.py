@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from anpyc.export.limits import DEFAULT_MAX_ASPECT, DEFAULT_MAX_PIXELS
+
+from .._common import printable
+
 AUTO = "auto"
+_TASK = re.compile(r"[+-]?[0-9]{1,10}")  # ASCII digits: int() would also read '²' and choke on 5,000 digits
 
 
 class OutputFormat(str, Enum):
@@ -18,8 +24,11 @@ class OutputFormat(str, Enum):
 
 def _task(value: str) -> str:
     text = value.strip().lower()
-    if text != AUTO and not text.lstrip("-").isdigit():
-        raise typer.BadParameter(f"{value!r} is neither a task id nor 'auto'", param_hint="--task")
+    if text != AUTO and not _TASK.fullmatch(text):
+        from anpyc.errors import clip
+
+        raise typer.BadParameter(f"{clip(repr(value), 40)} is neither a task id nor 'auto'",
+                                 param_hint="--task")
     return text
 
 
@@ -33,6 +42,11 @@ def command(
     fmt: Annotated[OutputFormat, typer.Option("--format", help="Output format.")] = OutputFormat.json,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads.")] = 1,
     int8: Annotated[bool, typer.Option("--int8", help="Use the int8 models.")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest decoded image, pixels (a larger JPEG is "
+                                            "decoded at reduced scale, other formats are refused).")
+                          ] = DEFAULT_MAX_PIXELS,
+    max_aspect: Annotated[float, typer.Option("--max-aspect", help="Most elongated image, longest side / "
+                                              "shortest side.")] = DEFAULT_MAX_ASPECT,
 ) -> None:
     if top_k < 1:
         raise typer.BadParameter("top-k must be >= 1", param_hint="--top-k")
@@ -43,9 +57,11 @@ def command(
     import json
     import sys
 
+    from anpyc.export.limits import Limits
     from anpyc.export.runtime import load_export
 
-    models = load_export(export_dir, threads=threads, int8=int8)
+    limits = Limits(max_pixels=max_pixels, max_aspect=max_aspect)
+    models = load_export(export_dir, threads=threads, int8=int8, limits=limits)
     inputs = [str(p) for p in images]
     if task == AUTO:
         routed = models.route(inputs, top_k=top_k)
@@ -63,4 +79,5 @@ def command(
     for row in rows:
         extra = [row["task"], f"{row['confidence']:.6f}"] if routed_cols else []
         for rank, c in enumerate(row["predictions"], 1):
-            w.writerow([row["input"], *extra, rank, c["index"], c["label"], f"{c['score']:.6f}"])
+            w.writerow([printable(row["input"]), *extra, rank, c["index"], printable(c["label"]),
+                        f"{c['score']:.6f}"])

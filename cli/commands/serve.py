@@ -7,6 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from anpyc.export.limits import (DEFAULT_MAX_ASPECT, DEFAULT_MAX_INFERENCES, DEFAULT_MAX_PIXELS,
+                                 DEFAULT_MAX_WAITING)
+
 TOKEN_ENV = "ANPYC_SERVE_TOKEN"  # anpyc.export.server.TOKEN_ENV (not imported here: --help stays light)
 
 
@@ -17,7 +20,17 @@ def command(
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     threads: Annotated[int, typer.Option("--threads", help="onnxruntime intra-op threads per session.")] = 1,
     workers: Annotated[int, typer.Option("--workers", help="uvicorn worker processes.")] = 1,
-    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, MiB.")] = 8.0,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, MiB (413 beyond).")
+                           ] = 8.0,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Largest decoded image, pixels (a larger JPEG is "
+                                            "decoded at reduced scale, other formats are refused).")
+                          ] = DEFAULT_MAX_PIXELS,
+    max_aspect: Annotated[float, typer.Option("--max-aspect", help="Most elongated image, longest side / "
+                                              "shortest side.")] = DEFAULT_MAX_ASPECT,
+    max_inferences: Annotated[int, typer.Option("--max-inferences", help="Predictions decoded and run at once "
+                                                "(per worker).")] = DEFAULT_MAX_INFERENCES,
+    max_waiting: Annotated[int, typer.Option("--max-waiting", help="Predictions queued for a slot; beyond them the "
+                                             "server answers 503 (per worker).")] = DEFAULT_MAX_WAITING,
     token: Annotated[Optional[str], typer.Option("--token", envvar=TOKEN_ENV, show_default=False,
                                                  help="Bearer token every route but /health requires "
                                                  "(Authorization: Bearer T). The environment variable keeps it "
@@ -32,10 +45,13 @@ def command(
         raise typer.BadParameter("threads must be >= 1", param_hint="--threads")
     if workers < 1:
         raise typer.BadParameter("workers must be >= 1", param_hint="--workers")
-    if not max_body_mb > 0:
-        raise typer.BadParameter("max-body-mb must be > 0", param_hint="--max-body-mb")
+    if not 0 < max_body_mb <= 1 << 20:
+        raise typer.BadParameter("max-body-mb must be > 0 (and at most 1048576)", param_hint="--max-body-mb")
 
+    from anpyc.export.limits import Limits
     from anpyc.export.server import serve
 
-    serve(export_dir, host=host, port=port, threads=threads, workers=workers,
-          max_body_bytes=int(max_body_mb * 1024 * 1024), token=token, insecure=insecure, metrics=metrics)
+    limits = Limits(max_pixels=max_pixels, max_aspect=max_aspect, max_inferences=max_inferences,
+                    max_waiting=max_waiting, max_body_bytes=max(1, int(max_body_mb * 1024 * 1024)))
+    serve(export_dir, host=host, port=port, threads=threads, workers=workers, token=token, insecure=insecure,
+          metrics=metrics, limits=limits)
