@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench  # noqa: E402
-from forgetting import QUICK, SUITES  # noqa: E402
+import _bench
+from suites import QUICK, SUITES
 
 SECTION = "ablation"
 NOTE = ("What the rows say (after the fix that gives every task its own optimizer from its first epoch): the hard "
@@ -42,7 +40,7 @@ NOTE = ("What the rows say (after the fix that gives every task its own optimize
         "off. The fixed schedule (50% of the first task's units, x0.8 per task, retraining after the cut) beats the "
         "budgeted ramp on all 3 seeds: +0.5 pts of validation ACC and +0.6 of test ACC at 1.23x the wall time and "
         "2.9 pts more parameters per task. It does not become the default: on split digits (resnet18, seed 0: "
-        "that suite's anpyc spec from `forgetting.specs` with `prune.mode=schedule`, run through `_bench.run`; not "
+        "that suite's anpyc spec from `suites.specs` with `prune.mode=schedule`, run through `_bench.run`; not "
         "a row of this table) it scores 98.31 validation ACC against the default's 99.16, at 2.8x the wall time.")
 ROWS: dict[str, dict] = {
     "default": {},

@@ -36,9 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _bench import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
+from _bench import ROOT, command_line, git_commit, machine, write_section
 
 MODELS: tuple[str, ...] = (
     "resnet18", "resnet50", "resnet18d", "seresnet18", "resnext26ts", "wide_resnet50_2", "res2net50_14w_8s",

@@ -18,8 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bench  # noqa: E402
+import _bench
 
 SECTION = "folder"
 TASKS = {"low": (0, 1, 2), "mid": (3, 4, 5), "high": (6, 7, 8, 9)}

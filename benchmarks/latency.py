@@ -18,14 +18,11 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _bench import ROOT, command_line, git_commit, machine, write_section  # noqa: E402
+from _bench import ROOT, command_line, git_commit, machine, write_section
 
 RESULTS = ROOT / "benchmarks" / "results" / "latency.json"
 LATENCY_TARGET = 1.15

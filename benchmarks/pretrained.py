@@ -30,11 +30,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _bench  # noqa: E402
-import forgetting  # noqa: E402
-from _bench import fmt_pm, mean_std  # noqa: E402
+import _bench
+import suites
+from _bench import fmt_pm, mean_std
 
 SECTION = "pretrained"
 METHODS = ("anpyc", "packnet", "finetune", "joint")
@@ -91,8 +89,8 @@ def pretrain(source: str, backbone: str, backbone_kwargs: dict, seed: int, folde
 
 def specs(pair: str, method: str, start: str, seeds: list[int], args) -> list[_bench.RunSpec]:
     source, suite_name = PAIRS[pair]
-    suite = forgetting.SUITES[suite_name]
-    runs = forgetting.specs(suite, method, seeds, quick=args.quick)
+    suite = suites.SUITES[suite_name]
+    runs = suites.specs(suite, method, seeds, quick=args.quick)
     out = []
     for spec in runs:
         spec = replace(spec, suite=f"pretrained-{pair}", method=f"{method}/{start}")
@@ -154,7 +152,7 @@ def render(doc: dict, command: str) -> str:
              "run side by side in one run: wall times compare within a pair only."]
     for pair, rows in doc["pairs"].items():
         source, suite = PAIRS[pair]
-        parts += ["", f"### {forgetting.SUITES[suite].title}, pretrained on {source} (unrotated, 10 classes)", "",
+        parts += ["", f"### {suites.SUITES[suite].title}, pretrained on {source} (unrotated, 10 classes)", "",
                   table(pair, rows), "", targets(rows)]
     return "\n".join(parts)
 

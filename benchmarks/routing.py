@@ -20,13 +20,10 @@ import json
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import _bench  # noqa: E402
-import forgetting  # noqa: E402  (the suites: stream, backbone and budget of the runs routed here)
+import _bench
+import suites  # the suites: stream, backbone and budget of the runs routed here
 
 SECTION = "routing"
 SUITES = ("split-mnist", "split-digits")
@@ -61,8 +58,8 @@ def route_suite(name: str, seed: int, args) -> dict[str, Any]:
     from anpyc.export.exporter import export_all
     from anpyc.export.runtime import ROUTING_CRITERION, load_export, softmax
 
-    suite = forgetting.SUITES[name]
-    spec = forgetting.specs(suite, METHOD, [seed], quick=args.quick)[0]
+    suite = suites.SUITES[name]
+    spec = suites.specs(suite, METHOD, [seed], quick=args.quick)[0]
     cfg = spec.config(device=args.device, threads=args.threads)
     stream = _bench.spec_stream(spec)
     t0 = time.perf_counter()

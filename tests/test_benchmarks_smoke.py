@@ -74,14 +74,14 @@ def test_forgetting_quick_writes_its_table(tmp_path):
 
 def test_forgetting_quick_search_and_cnn_suite(tmp_path):
     out = tmp_path / "BENCHMARKS.md"
-    forgetting = _load("forgetting")
+    forgetting, suites = _load("forgetting"), _load("suites")
     assert forgetting.main(["--quick", "--seeds", "0", "--suites", "permuted10", "--search", "--methods", "packnet",
                             "--out", str(out), "--cache", str(tmp_path / "cache")]) == 0
     assert forgetting.main(["--quick", "--seeds", "0", "--suites", "split-digits", "--methods", "anpyc",
                             "--out", str(out)]) == 0
     text = out.read_text()
     search = [line for line in text.splitlines() if line.startswith("| packnet | `prune.first_ratio=")]
-    assert len(search) == len(forgetting.grid(forgetting.SEARCH["permuted10"]["packnet"]))
+    assert len(search) == len(suites.grid(suites.SEARCH["permuted10"]["packnet"]))
     assert sum("**winner**" in line for line in search) == 1
     rows = _rows(text, "forgetting")
     assert rows["anpyc"][1] == "test_resnet" and _num(rows["anpyc"][3]) == 0.0
@@ -187,3 +187,25 @@ def test_growth_ablation_and_folder_quick(tmp_path, capsys):
     rows = json.loads((tmp_path / "f" / "folder_quick.json").read_text())
     assert [len(r["phases"]) for r in rows.values()] == [3, 3] and rows["anpyc"]["bwt"] == 0.0
     assert all(p["train_s"] >= 0 and p["prune_s"] >= 0 for r in rows.values() for p in r["phases"])
+
+
+def test_benchmark_rows_restate_no_preset_setting():
+    """The presets are the one source of every method's settings: a benchmark row overrides only what its own
+    suite's validation search chose differently (a row that restates a preset's value would silently keep the old
+    value when the preset changes)."""
+    from anpyc.config import method_config, to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    suites = _load("suites")
+    restated = []
+    for suite in suites.SUITES.values():
+        for name, row in suite.methods.items():
+            preset = flat(to_dict(method_config(row.preset)))
+            restated += [f"{suite.name}/{name}: {k}={v}" for k, v in row.overrides.items() if preset.get(k) == v]
+    assert not restated, restated
+    assert suites.SUITES["split-digits"].methods["si"].overrides == {"optim.lr": 0.01}
