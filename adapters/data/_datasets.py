@@ -18,7 +18,7 @@ from anpyc.errors import ConfigError, clip
 
 # The largest value of each option: beyond them a stream is no benchmark but a memory bomb (a run's data.json,
 # which anyone may have written, is read back through here by eval and --resume).
-OPTION_CAPS = {"img_size": 4096, "num_tasks": 1000, "classes_per_task": 1000, "samples_per_class": 1_000_000,
+OPTION_CAPS = {"img_size": 4096, "num_tasks": 1000, "classes_per_task": 1000, "samples_per_class": 100_000,
                "dim": 1 << 24}
 # Streams encode a small source once into memory (precompute) only when it fits in this many bytes; a larger one
 # encodes per item, same values.

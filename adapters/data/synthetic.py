@@ -30,7 +30,7 @@ def _prototype_images(rng: np.random.Generator, channels: int, h: int, w: int) -
     return proto.permute(1, 2, 0).numpy()  # (h, w, channels)
 
 
-SYNTHETIC_VALUES = 1 << 28  # a synthetic stream is generated in memory: at most ~1 GB of float32
+SYNTHETIC_VALUES = 1 << 27  # a synthetic stream is generated in memory (float64 noise, uint8, float32): ~1.5 GB at most
 
 
 def synthetic_stream(
