@@ -19,8 +19,8 @@ _EXPORTS: dict[str, str] = {
     "ImportanceConfig": "config",
     "PruneConfig": "config",
     "ConsolidationConfig": "config",
-    "METHODS": "config",
-    "method_config": "config",
+    "METHODS": "presets",
+    "method_config": "configure",
     # tasks and data contract
     "Task": "task",
     "TaskStream": "task",
@@ -53,6 +53,10 @@ def _load(module: str) -> Any:
             from . import learner as m
         case "config":
             from . import config as m
+        case "configure":
+            from . import configure as m
+        case "presets":
+            from . import presets as m
         case "task":
             from . import task as m
         case "backbones":

@@ -25,7 +25,8 @@ import torch
 
 from . import __version__
 from .backbones import RECORD_INFO, name_from_record
-from .config import LearnerConfig, from_dict, to_dict
+from .config import to_dict
+from .configure import load_config
 from .dist import context
 from .errors import ConfigError, ModelError, RunDirError, StateFileError, TrainingDiverged, clip
 from .fileio import atomic_write_json, finite, read_json
@@ -129,7 +130,7 @@ def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = 
     stats = {f"stats/{k}/{n}": v for k, s in learner.stats.items() for n, v in s.items()}
     cons = {f"omega/{n}": v for n, v in learner.omega.items()}
     cons.update({f"anchor/{n}": v for n, v in learner.anchor.items()})
-    cons.update({f"tracker/{n}": v for n, v in learner.tracker.state().items()})
+    cons.update({f"tracker/{n}": v for n, v in learner.importance.state().items()})  # the measure's own state
     state = {"cursor": learner.cursor, "tasks": learner.tasks, "acc_test": learner.acc_test,
              "acc_val": learner.acc_val, "history": learner.history}
     opt = learner.runner.optimizer.state_dict() if (optimizer and learner.runner.optimizer is not None) else None
@@ -197,7 +198,7 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
     cons, _ = load_tensors(d / "consolidation.safetensors", fmt="anpyc.consolidation")
     learner.omega = {k[6:]: v.to(learner.device) for k, v in cons.items() if k.startswith("omega/")}
     learner.anchor = {k[7:]: v.to(learner.device) for k, v in cons.items() if k.startswith("anchor/")}
-    learner.tracker.load_state({k[8:]: v for k, v in cons.items() if k.startswith("tracker/")})
+    learner.importance.load_state({k[8:]: v for k, v in cons.items() if k.startswith("tracker/")})
     if (d / "probes.safetensors").exists():  # runs written before the run-time check have none
         probes, _ = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
         learner.probes = Probes.from_tensors(probes, tuple(learner.input_spec.shape), str(d / "probes.safetensors"))
@@ -214,7 +215,7 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
     manifest = RunDir(out_dir, lock=False).manifest()  # every field checked (anpyc.runfiles)
     where = f"run manifest {Path(out_dir) / 'run.json'}"
     try:
-        config = from_dict(LearnerConfig, manifest["config"])
+        config = load_config(manifest["config"])
     except ConfigError as e:
         raise RunDirError(f"{where}: {e.problem}", e.fix or "restore run.json or re-create the run") from None
     spec = InputSpec.from_dict(manifest["input_spec"], where, error=RunDirError, fix="restore run.json")

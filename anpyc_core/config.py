@@ -1,9 +1,10 @@
 """Configuration: frozen dataclasses, passed explicitly, validated on load.
 
-``LearnerConfig`` is the whole recipe of a run; it is saved as JSON in the run directory. Method presets
-(``anpyc``, ``paper``, ``ewc``, ``mas``, ``si``, ``packnet``, ``finetune``, ``joint``) are registered functions
-returning a ``LearnerConfig`` (:mod:`anpyc.presets`, re-exported here); user overrides are applied on top with
-:func:`override`.
+``LearnerConfig`` is the whole recipe of a run; it is saved as JSON in the run directory. This module is a leaf:
+the dataclasses, their ranges and types, and reading them from dicts. Method presets (``anpyc``, ``paper``, ``ewc``,
+...) are registered functions returning a ``LearnerConfig`` (:mod:`anpyc.presets`); :mod:`anpyc.configure` builds a
+config for use (``method_config(name, **overrides)``, a run's recorded config) and checks every value that names a
+registered part against its registry.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ __all__ = [
     "ConsolidationConfig",
     "GrowConfig",
     "LearnerConfig",
-    "METHODS",
-    "method_config",
     "from_dict",
     "to_dict",
     "override",
@@ -35,8 +34,10 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- validation
-# Every value that picks a behaviour is checked against the registry that implements it when a config is built,
-# and numbers against their valid range, so a typo fails at once with the valid choices instead of deep in a run.
+# Numbers are checked against their valid range and types against the fields when a config is built here; a value
+# that picks a registered part (an optimizer, a measure, a strategy...) against its registry where a config is built
+# for use (anpyc.configure), so a typo fails at once with the valid choices instead of deep in a run. This module
+# imports nothing of the engine: every part of it may import it.
 
 def _choice(key: str, value: Any, registry: Any) -> None:
     if value not in registry:
@@ -70,9 +71,6 @@ class OptimConfig:
     dropout: float = 0.0  # dropout on the features before the task head
 
     def __post_init__(self) -> None:
-        from .training import OPTIMIZERS
-
-        _choice("optim.name", self.name, OPTIMIZERS)
         _range("optim.lr", self.lr, low=0, low_open=True)
         _range("optim.momentum", self.momentum, low=0, high=1, high_open=True)
         _range("optim.weight_decay", self.weight_decay, low=0)
@@ -92,11 +90,6 @@ class ImportanceConfig:
     accumulate: str = "sum"  # sum | max   (how a task's scores add to the consolidated importance)
 
     def __post_init__(self) -> None:
-        from .consolidation import ACCUMULATE
-        from .importance import IMPORTANCE
-
-        _choice("importance.measure", self.measure, IMPORTANCE)
-        _choice("importance.accumulate", self.accumulate, ACCUMULATE)
         _range("importance.max_batches", self.max_batches, low=0)
         _range("importance.batch_size", self.batch_size, low=1)
 
@@ -152,12 +145,6 @@ class PruneConfig:
     group_slack: float = 2.0  # a group may hold this many times its share of the task's budget
 
     def __post_init__(self) -> None:
-        from .masks import MASK_SPACES
-        from .pruning import GUARDS, PRUNING
-
-        _choice("prune.mode", self.mode, PRUNING)
-        _choice("prune.granularity", self.granularity, MASK_SPACES)
-        _choice("prune.guard", self.guard, GUARDS)
         _range("prune.confidence", self.confidence, low=0)
         _range("prune.guard_samples", self.guard_samples, low=0)
         _range("prune.warmup", self.warmup, low=0, high=1)
@@ -198,9 +185,6 @@ class ConsolidationConfig:
     pull: float = 0.0
 
     def __post_init__(self) -> None:
-        from .consolidation import CONSOLIDATION
-
-        _choice("consolidation.rule", self.rule, CONSOLIDATION)
         _range("consolidation.strength", self.strength, low=0)
         _range("consolidation.gate_quantile", self.gate_quantile, low=0, high=1, low_open=True)
         _range("consolidation.pull", self.pull, low=0)
@@ -258,16 +242,11 @@ class LearnerConfig:
     channels_last: bool = False  # NHWC weights and batches (convolutional backbones)
 
     def __post_init__(self) -> None:
-        from .precision import AMP
-        from .presets import METHODS
-
         if not isinstance(self.method, str) or not self.method:
             raise ConfigError(f"config key 'method' must be a non-empty string, got {self.method!r}",
                               'write e.g. method = "anpyc"')
-        _choice("method", self.method, METHODS)  # a run records its preset; one this anpyc lacks is no recipe
         _choice("replay", self.replay, REPLAY)
         _choice("inference", self.inference, INFERENCE)
-        _choice("amp", self.amp, AMP)
         _range("workers", self.workers, low=-1, high=1024)
         _range("threads", self.threads, low=0, high=4096)
         _range("eval_batch_size", self.eval_batch_size, low=1)
@@ -369,6 +348,3 @@ def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]
             out[k] = v
     return out
 
-
-# the presets live in their own room; they are read through this module too (``anpyc.config.method_config``)
-from .presets import BACKBONE_DEFAULTS, METHODS, NO_GROWTH, PAPER_STRENGTH, method_config  # noqa: E402

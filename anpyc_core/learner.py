@@ -28,7 +28,9 @@ from torch.utils.data import Dataset
 
 from . import checkpoint
 from .backbones import build_trunk
-from .config import BACKBONE_DEFAULTS, LearnerConfig, method_config
+from .config import LearnerConfig
+from .configure import check_choices, method_config
+from .presets import BACKBONE_DEFAULTS
 from .consolidation import CONSOLIDATION, accumulate_omega
 from .dist import DistContext, check_device, context
 from .errors import ConfigError, DataError, RunDirError
@@ -80,6 +82,7 @@ class ContinualLearner:
         elif method is not None and method != config.method:
             raise ConfigError(f"method {method!r} conflicts with config.method {config.method!r}",
                               "pass one of them")
+        check_choices(config)  # a config built by hand names only registered parts too
         if input_spec is None:
             if input_size is None:
                 raise ConfigError("no input size given", "pass input_size=(C, H, W) or input_spec=InputSpec(...)")
@@ -141,7 +144,7 @@ class ContinualLearner:
         self.stats: dict[int, dict[str, torch.Tensor]] = {}
         self.omega: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
-        self.tracker = create_importance(config.importance.measure)
+        self.importance = create_importance(config.importance.measure)  # the training task's measure
         self.cursor: dict | None = None
         self.acc_test: list[list[float | None]] = []
         self.acc_val: list[list[float | None]] = []
@@ -291,7 +294,7 @@ class ContinualLearner:
         prev = self.stats.get(k - 1)
         self.stats[k] = {n: v.clone() for n, v in (prev or self.init_stats).items()}
         self.anchor = {n: p.detach().clone() for n, p in self.trunk.named_parameters()}
-        self.tracker.begin(self.runner.params())
+        self.importance.begin(self.runner.params())
         self.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
         self.emit(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
 

@@ -1,26 +1,19 @@
 """Method presets: each registered name builds the :class:`~anpyc.config.LearnerConfig` of a method (the default
 ``anpyc``, its variants, the original paper mode and the baselines), with the reasons for its settings beside it.
-``method_config(name, **{"dotted.key": value})`` starts from one and applies overrides."""
+``anpyc.configure.method_config(name, **{"dotted.key": value})`` starts from one and applies overrides."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .config import (ConsolidationConfig, GrowConfig, ImportanceConfig, LearnerConfig, OptimConfig, PruneConfig,
-                     override)
+from .config import ConsolidationConfig, GrowConfig, ImportanceConfig, LearnerConfig, OptimConfig, PruneConfig
 from .registry import Registry
 
-__all__ = ["METHODS", "method_config", "NO_GROWTH", "PAPER_STRENGTH", "BACKBONE_DEFAULTS"]
+__all__ = ["METHODS", "NO_GROWTH", "PAPER_STRENGTH", "BACKBONE_DEFAULTS"]
 
 METHODS: Registry = Registry("method")
 # growth widens structured units owned task by task: the other methods own elements, or share everything
 NO_GROWTH = GrowConfig(enabled=False)
-
-
-def method_config(name: str, **overrides: Any) -> LearnerConfig:
-    """The preset ``name`` with ``overrides`` (dotted keys allowed) applied."""
-    cfg = METHODS.get(name)()
-    return override(cfg, overrides) if overrides else cfg
 
 
 # Every setting below was chosen on validation splits, never on test: the grids and their results are the
@@ -40,8 +33,6 @@ def method_config(name: str, **overrides: Any) -> LearnerConfig:
 @METHODS.register("anpyc", help="ANPyC, structured: entropy-Taylor importance, gradual pruning with a paired guard, "
                                  "earlier tasks frozen, growth when free units run out")
 def _anpyc() -> LearnerConfig:
-    # built here, not at import: validating a PruneConfig imports the registries (and torch), which `anpyc --help`
-    # must not pay for
     return LearnerConfig(method="anpyc", prune=PruneConfig(mode="gradual", tolerance=0.005),
                          grow=GrowConfig(min_free=0.25), consolidation=ConsolidationConfig(rule="hard"))
 

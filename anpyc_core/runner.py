@@ -42,7 +42,7 @@ class RunContext(Protocol):
     stats: dict[int, dict[str, torch.Tensor]]  # BatchNorm statistics per task index
     omega: dict[str, torch.Tensor]
     anchor: dict[str, torch.Tensor]
-    tracker: Importance  # the importance accumulator of the task being trained
+    importance: Importance  # the importance measure of the task being trained (its training hooks accumulate)
     history: list[dict]
     stat_names: list[str]
     policy: Policy
@@ -158,7 +158,7 @@ class TaskRunner:
         total = len(loader)
         callbacks = list(run.callbacks)
         res = train_epoch(
-            self.train_forward(k), loader, self.optimizer, params, cons, run.tracker, cfg, decay_mask=decay,
+            self.train_forward(k), loader, self.optimizer, params, cons, run.importance, cfg, decay_mask=decay,
             device=run.device, policy=run.policy,
             on_batch=(lambda b, loss: [c.on_batch(phase, b, total, loss) for c in callbacks]) if callbacks else None,
         )
@@ -226,5 +226,5 @@ class TaskRunner:
         self.use(k)
         run.model.eval()
         seed = derive_seed(run.config.seed, task.id, "importance", len(run.history))
-        return task_importance(run.tracker, run.policy.wrap(lambda x: run.model(x, k)), self.params(), task.train,
+        return task_importance(run.importance, run.policy.wrap(lambda x: run.model(x, k)), self.params(), task.train,
                                run.config.importance, seed, run.device, run.ctx, run.loaders.feed)

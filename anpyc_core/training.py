@@ -10,7 +10,7 @@ import hashlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,10 @@ from .config import OptimConfig
 from .consolidation import Consolidation
 from .dist import DistContext
 from .errors import TrainingDiverged
-from .importance import Importance
 from .registry import Registry
+
+if TYPE_CHECKING:  # the measure's hooks are called, never imported: importance imports this module's batches
+    from .importance import Importance
 
 __all__ = ["derive_seed", "BatchPlan", "make_loader", "make_optimizer", "OPTIMIZERS", "OptimizerRule", "train_epoch",
            "evaluate", "correctness", "EpochResult", "take_batches", "tagged_concat"]

@@ -151,7 +151,7 @@ def _too_little(result: dict[str, Any]) -> str:
 
 
 def _config(steps: int, batch: int, threads: int | None):
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
 
     overrides: dict[str, Any] = {
         "optim.epochs": 1, "optim.batch_size": batch, "optim.lr": 0.01,

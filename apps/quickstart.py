@@ -45,7 +45,7 @@ def digits_stream():
 
 def make_learner(run: Path, model: str, stream, threads: int):
     """A learner for ``stream`` writing its run to ``run``, with the quickstart's settings."""
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
     from anpyc.learner import ContinualLearner
 
     overrides = {**QUICKSTART_CONFIG, "threads": threads}

@@ -45,7 +45,7 @@ class RunSpec:
     weights: str | None = None  # the trunk's initial weights (a file; its name carries its content's hash)
 
     def config(self, *, device: str, threads: int):
-        from anpyc.config import method_config
+        from anpyc.configure import method_config
 
         base = {"seed": self.seed, "device": device, "threads": threads, "checkpoint_epochs": False}
         return method_config(self.preset, **{**base, **self.overrides})

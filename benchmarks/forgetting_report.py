@@ -94,7 +94,7 @@ def _task_params(r: dict) -> float | None:
 def _former(name: str, run: dict) -> str:
     """" (former default)" for an anpyc row measured before the preset's prune mode or growth changed (a table not
     re-run since), so no reader takes it for the preset as it ships."""
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
 
     if name == "paper" and run.get("config", {}).get("inference") != method_config("paper").inference:
         return " (measured with per-task masks at inference, before the paper mode used the whole network)"

@@ -33,7 +33,7 @@ def _learner(model: str, train_size: int, ratio: float, seed: int):
     """Two synthetic tasks, each pruned to ``1 - ratio`` of the units it claims (one schedule step)."""
     import anpyc
     from anpyc.adapters.data import synthetic_stream
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
 
     cfg = method_config("anpyc", **{
         "seed": seed, "threads": 1, "checkpoint_epochs": False,

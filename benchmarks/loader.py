@@ -120,8 +120,8 @@ def step_rate(model: str, size: int, batch: int, steps: int) -> float:
 def epoch_run(root: Path, workers: int, threads: int, epochs: int) -> dict:
     import anpyc
     from anpyc.adapters.data import folder_stream
-    from anpyc.config import method_config
-    from anpyc.io import read_jsonl
+    from anpyc.configure import method_config
+    from anpyc.fileio import read_jsonl
 
     stream = folder_stream(root, img_size=224, augment=True, cache=False, val_fraction=0.05, test_fraction=0.05)
     cfg = method_config("finetune", **{"optim.epochs": epochs, "optim.batch_size": 32, "workers": workers,

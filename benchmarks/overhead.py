@@ -75,7 +75,7 @@ class Prepared:
     def __init__(self, method: str, model: Model, args, batch_size: int):
         import anpyc
         from anpyc.adapters.data import make_stream
-        from anpyc.config import method_config
+        from anpyc.configure import method_config
 
         kw = dict(model.stream_kwargs)
         backbone, bkw = model.backbone, dict(model.backbone_kwargs)
@@ -129,7 +129,7 @@ class Prepared:
 
         def run(n: int) -> None:
             l.model.train()
-            train_epoch(forward, [(batch, 1.0)] * n, opt, params, cons, l.tracker, cfg.optim, decay_mask=decay,
+            train_epoch(forward, [(batch, 1.0)] * n, opt, params, cons, l.importance, cfg.optim, decay_mask=decay,
                         device=l.device)
 
         return run

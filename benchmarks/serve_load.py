@@ -36,7 +36,7 @@ def build_export(out: Path) -> Path:
 
     import anpyc
     from anpyc.adapters.data import make_stream
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
     from anpyc.export.exporter import export_all
 
     torch.set_num_threads(2)

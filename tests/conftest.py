@@ -31,7 +31,7 @@ def tiny_stream(model: str, num_tasks: int = 3, samples_per_class: int = 12, see
 
 def fast_config(method: str = "anpyc", **overrides):
     """Schedule pruning (half of each task's claim in one step) so every task owns a real subset, one epoch."""
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
 
     base = {
         "optim.epochs": 1, "optim.batch_size": 16, "optim.lr": 0.02,

@@ -15,7 +15,7 @@ import torch
 
 import anpyc
 from anpyc.adapters.data import synthetic_stream
-from anpyc.config import method_config
+from anpyc.configure import method_config
 
 torch.set_num_threads(1)
 run = Path(sys.argv[1])

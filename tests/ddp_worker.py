@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import anpyc
 from anpyc.adapters.data import synthetic_stream
-from anpyc.config import method_config
+from anpyc.configure import method_config
 from anpyc.dist import context
 
 torch.set_num_threads(1)

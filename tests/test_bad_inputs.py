@@ -125,7 +125,7 @@ def test_01_truncated_safetensors(run_copy):
 
 
 def test_02_corrupt_safetensors_header():
-    from anpyc.io import load_tensors
+    from anpyc.tensorio import load_tensors
 
     import tempfile
 
@@ -153,7 +153,7 @@ def test_03_mask_file_from_another_backbone(run_copy, tmp_path):
 
 
 def test_04_mask_file_of_another_schema_version(tmp_path):
-    from anpyc.io import save_tensors
+    from anpyc.tensorio import save_tensors
     from anpyc.masks import load_masks
 
     p = tmp_path / "masks.safetensors"

@@ -193,7 +193,8 @@ def test_benchmark_rows_restate_no_preset_setting():
     """The presets are the one source of every method's settings: a benchmark row overrides only what its own
     suite's validation search chose differently (a row that restates a preset's value would silently keep the old
     value when the preset changes)."""
-    from anpyc.config import method_config, to_dict
+    from anpyc.config import to_dict
+    from anpyc.configure import method_config
 
     def flat(d: dict, prefix: str = "") -> dict:
         out = {}

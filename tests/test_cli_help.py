@@ -53,7 +53,7 @@ def test_every_own_command_is_registered_with_help(name):
 
 def test_method_choices_follow_the_registry():
     from anpyc.cli.commands.train import Method
-    from anpyc.config import METHODS
+    from anpyc.presets import METHODS
 
     assert sorted(m.value for m in Method) == METHODS.names()
 

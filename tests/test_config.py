@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anpyc.config import LearnerConfig, OptimConfig, from_dict, method_config, to_dict
+from anpyc.config import OptimConfig, to_dict
+from anpyc.configure import load_config, method_config
 from anpyc.errors import ConfigError
 from anpyc.training import make_optimizer, train_epoch
 
@@ -38,7 +39,7 @@ def test_config_files_are_checked_too(key):
     section, _, field = key.rpartition(".")
     (doc[section] if section else doc)[field] = CHOICES[key][0]
     with pytest.raises(ConfigError, match="has unknown value"):
-        from_dict(LearnerConfig, doc)
+        load_config(doc)
 
 
 @pytest.mark.parametrize("key, value, span", [

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import anpyc
-from anpyc.config import ConfigError, from_dict, method_config, LearnerConfig
+from anpyc.config import ConfigError, from_dict, LearnerConfig
+from anpyc.configure import method_config
 from anpyc.consolidation import create_consolidation
 from anpyc.config import ConsolidationConfig
 from anpyc.importance import create_importance

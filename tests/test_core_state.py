@@ -133,7 +133,7 @@ def test_load_masks_rejects_another_backbone(tmp_path):
 
 def test_mask_file_v2_counts_tasks_and_reads_v1(tmp_path):
     """v2 stores the task count (v1's index list cost ~4 bytes a task); a v1 file still loads, tasks included."""
-    from anpyc.io import save_tensors
+    from anpyc.tensorio import save_tensors
     from anpyc.masks import load_masks, save_masks, schema_tasks
 
     learner, _ = _run(tmp_path / "run", num_tasks=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from anpyc.io import read_jsonl
+from anpyc.fileio import read_jsonl
 from anpyc.rundir import RunDir
 
 WORKER = str(Path(__file__).with_name("crash_worker.py"))

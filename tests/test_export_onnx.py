@@ -21,7 +21,7 @@ from anpyc.export.exporter import PARITY_BATCH_SIZES, SIDECAR_KEYS, ExportSource
 from anpyc.export.quantize import compare_int8, quantize_task
 from anpyc.export.runtime import make_session
 from anpyc.export.testing import FakeSource, mlp_source, timm_source
-from anpyc.io import sha256_file
+from anpyc.fileio import sha256_file
 
 MODELS = ["test_resnet", "test_vit", "test_convnext", "test_efficientnet", "mlp"]
 
@@ -364,7 +364,7 @@ def test_cli_export_real_learner_run(tmp_path):
 def _tiny_real_run(learner_mod, run_dir: Path) -> Path:
     from torch.utils.data import TensorDataset
 
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
     from anpyc.task import Task
 
     g = torch.Generator().manual_seed(0)

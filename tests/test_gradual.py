@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import anpyc
-from anpyc.config import method_config
+from anpyc.configure import method_config
 from anpyc.pruning import PRUNING
 from anpyc.pruning.host import LearnerHost
 from anpyc.pruning.plan import ladder

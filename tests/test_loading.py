@@ -17,9 +17,10 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 import anpyc
-from anpyc.config import LearnerConfig, method_config
+from anpyc.config import LearnerConfig
+from anpyc.configure import method_config
 from anpyc.errors import ConfigError, DataError
-from anpyc.io import read_jsonl
+from anpyc.fileio import read_jsonl
 from anpyc.loading import Loaders, in_memory
 from anpyc.training import make_loader
 

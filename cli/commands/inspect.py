@@ -54,7 +54,8 @@ def command(
     from rich.text import Text
 
     from anpyc.errors import StateFileError
-    from anpyc.io import load_tensors, read_json
+    from anpyc.fileio import read_json
+    from anpyc.tensorio import load_tensors
     from anpyc.maskfile import MASKS_FORMAT, MASKS_READS, check_masks, schema_tasks
     from anpyc.masks import FREE
     from anpyc.rundir import RunDir

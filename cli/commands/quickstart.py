@@ -64,11 +64,11 @@ def command(
     from ..sources import DataSource, write_source
 
     con = console()
-    tracker = None
+    board = None
     if tensorboard is not None:  # a missing package fails here, before anything is written
         from anpyc.adapters.tracking import TensorBoardLogger
 
-        tracker = TensorBoardLogger(tensorboard, retrain_epochs=QUICKSTART_CONFIG["prune.retrain_epochs"])
+        board = TensorBoardLogger(tensorboard, retrain_epochs=QUICKSTART_CONFIG["prune.retrain_epochs"])
     stream = app.digits_stream()
     con.rule("[bold]anpyc quickstart")
     con.print(f"{model} (random init) learns {len(stream)} tasks of scikit-learn's handwritten digits "
@@ -82,14 +82,14 @@ def command(
     bars = make_progress(con, live=con.is_terminal if progress is None else progress, num_tasks=len(stream),
                          epochs=cfg.optim.epochs, retrain_epochs=cfg.prune.retrain_epochs)
     learner.callbacks.append(bars)
-    if tracker is not None:
-        learner.callbacks.append(tracker)
-        con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
+    if board is not None:
+        learner.callbacks.append(board)
+        con.print(f"TensorBoard: tensorboard --logdir {board.log_dir}", highlight=False, markup=False)
     try:
         metrics = app.train(learner, stream, display=bars)
     finally:
-        if tracker is not None:
-            tracker.close()
+        if board is not None:
+            board.close()
     t_train = time.time() - t0
 
     con.rule("[bold]result")

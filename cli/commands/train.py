@@ -11,12 +11,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from anpyc.config import METHODS
+from anpyc.presets import METHODS
 
 from .._common import flatten, parse_assignments, read_config_file
 
 
-# The registered method presets (``anpyc.config.METHODS``, which imports no torch), as typer's choices.
+# The registered method presets (``anpyc.presets.METHODS``, which imports no torch), as typer's choices.
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS.names()}, type=str)
 
 
@@ -219,7 +219,7 @@ def command(
             dotted[key] = value
 
     from anpyc.adapters.backbones import create_backbone, is_known
-    from anpyc.config import method_config
+    from anpyc.configure import method_config
     from anpyc.errors import ConfigError
 
     from ..sources import resolve_source
@@ -234,16 +234,16 @@ def command(
         create_backbone(name)  # neither timm nor registered: raises ModelError naming close matches
     src = resolve_source(source, options=stream_opts, tasks=n_tasks, base=None if data else file_data.get("base"))
     stream = src.open()
-    tracker = _tracker(tensorboard, config)  # a missing package fails here, before the run directory exists
+    board = _board(tensorboard, config)  # a missing package fails here, before the run directory exists
 
     from anpyc.learner import ContinualLearner
 
     learner = ContinualLearner(name, input_spec=stream.input_spec, out_dir=out, config=config, model_kwargs=kwargs,
                                weights=init)
-    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, board=board)
 
 
-def _tracker(log_dir: Optional[Path], config):
+def _board(log_dir: Optional[Path], config):
     """The TensorBoard callback for ``--tensorboard DIR`` (None without the flag)."""
     if log_dir is None:
         return None
@@ -279,7 +279,7 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
             raise typer.BadParameter(f"run {out} was trained on {learner.backbone_name!r}, not {model!r}; "
                                      "drop --model to resume it", param_hint="--model")
         stream = src.open(input_spec=learner.input_spec)
-        tracker = _tracker(tensorboard, learner.config)
+        board = _board(tensorboard, learner.config)
     except BaseException:
         learner.close()
         raise
@@ -289,10 +289,10 @@ def _resume(out: Path, *, model: Optional[str], data: Optional[str], stream_opts
         torch.set_num_threads(threads)
     if workers is not None:  # likewise the loader workers: the batches do not depend on their number
         learner.loaders.workers = workers
-    _fit(learner, stream, src, out, progress=progress, plots=plots, tracker=tracker)
+    _fit(learner, stream, src, out, progress=progress, plots=plots, board=board)
 
 
-def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool, tracker=None) -> None:
+def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bool, board=None) -> None:
     from rich.text import Text
 
     from .._common import console
@@ -319,15 +319,15 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
 
             con.print(describe_weights(learner.backbone["weights"]), highlight=False, markup=False, soft_wrap=True)
         learner.callbacks.append(bars)
-        if tracker is not None:
-            learner.callbacks.append(tracker)
-            con.print(f"TensorBoard: tensorboard --logdir {tracker.log_dir}", highlight=False, markup=False)
+        if board is not None:
+            learner.callbacks.append(board)
+            con.print(f"TensorBoard: tensorboard --logdir {board.log_dir}", highlight=False, markup=False)
     try:
         with learner, bars:  # the run's lock is released now, not whenever the learner is garbage-collected
             metrics = learner.fit(stream)
     finally:
-        if tracker is not None:
-            tracker.close()
+        if board is not None:
+            board.close()
     if not main:
         return
     con.print()
