@@ -216,7 +216,11 @@ def create_backbone(name: str, *, input_spec: InputSpec | None = None, pretraine
         if unknown:
             raise ModelError(f"backbone {name!r} has no option {unknown[0]!r}",
                              f"valid options: {', '.join(sorted(allowed))}")
-        return factory(input_spec=input_spec, **kwargs)
+        try:
+            return factory(input_spec=input_spec, **kwargs)
+        except (TypeError, ValueError) as e:  # an option of the wrong type or value (--model-opt, a config file)
+            raise ModelError(f"cannot create {name!r} with {clip(kwargs, 80)} ({type(e).__name__}: {clip(e, 80)})",
+                             "check the model keyword arguments") from None
     return _timm(name, input_spec, bool(pretrained), **kwargs)
 
 

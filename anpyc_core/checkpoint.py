@@ -226,6 +226,7 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
             raise ModelError(f"run {out_dir} was trained on a custom module ({backbone.get('class')})",
                              "pass the same module: ContinualLearner.resume(dir, model=...)")
         model, kwargs = named
+        _dry_build(model, spec, kwargs, Path(out_dir), where)
     else:
         kwargs = None
     lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
@@ -253,6 +254,44 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
     if not lock:
         run.close()
     return learner
+
+
+def _dry_build(name: str, spec: InputSpec, kwargs: dict, out_dir: Path, where: str) -> None:
+    """Build the recorded backbone on the meta device (no memory) and compare its parameters with the ones
+    init.safetensors holds: a record whose options do not build the run's trunk (``width=10**9`` would allocate
+    100 GB, ``width="x"`` raise deep in a factory) is refused in one line before anything is allocated. A model
+    that cannot be built on the meta device is left to the ordinary build."""
+    import os
+    import stat
+
+    from safetensors import safe_open
+
+    from .backbones import build_trunk
+
+    fix = "restore run.json from a backup, or re-create the run"
+    try:
+        with torch.device("meta"):
+            trunk, _ = build_trunk(name, spec, kwargs)
+    except ModelError as e:
+        raise RunDirError(f"{where}: {e.problem}", fix) from None
+    except Exception as e:  # noqa: BLE001 - an error the real build would raise too, unless it is about meta
+        if "meta" in str(e).lower() or isinstance(e, NotImplementedError):
+            return  # a model that needs real tensors to build (an .item() in its constructor): build it for real
+        raise RunDirError(f"{where}: backbone {clip(name, 40)} cannot be built with {clip(kwargs, 60)} "
+                          f"({type(e).__name__}: {clip(e, 80)})", fix) from None
+    init = out_dir / "init.safetensors"
+    try:
+        if not stat.S_ISREG(os.stat(init).st_mode):
+            return  # read_init refuses it with its own message
+        with safe_open(str(init), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith(BUFFER)}
+    except Exception:  # noqa: BLE001 - missing (old runs) or corrupt: read_init reports a corrupt file
+        return
+    built = {n: tuple(p.shape) for n, p in trunk.named_parameters()}
+    if built != saved:
+        diff = sorted(set(built.items()) ^ set(saved.items()))[:1]
+        raise RunDirError(f"{where}: backbone {clip(name, 40)} with {clip(kwargs, 60)} does not build the trunk "
+                          f"init.safetensors holds (first difference: {clip(diff, 80)})", fix)
 
 
 def _replay_growth(learner: "ContinualLearner", manifest: dict, run: RunDir | None, out_dir) -> None:

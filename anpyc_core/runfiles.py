@@ -56,8 +56,8 @@ def check_manifest(doc: Any, where: str) -> dict[str, Any]:
     if layout is not None:
         _check_groups(f.objects("layout"))
     for e in f.objects("growth", optional=True):
-        e.int("index", low=0)
-        e.int("task", low=0, high=MAX_TASKS)
+        e.int("index", low=0, high=MAX_TASKS)  # the task index (its place in the run), "task" its id
+        e.int("task", low=0, high=MAX_TASK_ID)
         e.string("group")
         e.int("units", low=1)
         e.int("free", low=0, optional=True)

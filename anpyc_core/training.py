@@ -191,11 +191,20 @@ def train_epoch(
                        time.perf_counter() - t0, float(getattr(loader, "wait", 0.0)))
 
 
+EVAL_BATCH_BYTES = 256 * 1024 * 1024
+
+
 @torch.no_grad()
 def correctness(forward: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int,
                 device: torch.device, feed: Feeder = None) -> torch.Tensor:
     """Whether ``forward``'s top-1 prediction is right, per sample of ``dataset`` in order (a bool vector on the
-    CPU): what the prune guard compares before and after a prune step."""
+    CPU): what the prune guard compares before and after a prune step. A batch holds at most
+    :data:`EVAL_BATCH_BYTES` of inputs (an input spec of huge images evaluates a few at a time; the results are the
+    same, each sample's prediction does not depend on its batch in eval mode)."""
+    if len(dataset):
+        sample = dataset[0][0]
+        per = int(sample.numel()) * 4 if isinstance(sample, torch.Tensor) else 0
+        batch_size = max(1, min(batch_size, EVAL_BATCH_BYTES // per)) if per else batch_size
     plan = make_loader(dataset, batch_size, shuffle=False, seed=0)
     parts = [(forward(b[0].to(device)).argmax(1) == b[1].to(device)).cpu() for b, _ in (feed or iter)(plan)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
