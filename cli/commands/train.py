@@ -41,7 +41,7 @@ def _positive(value: Optional[int], flag: str) -> None:
 
 def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Split a config file into (model part, data part, learner overrides)."""
-    from anpyc.errors import ConfigError
+    from anpyc.errors import ConfigError, clip
 
     model: dict[str, Any] = {}
     m = doc.get("model")
@@ -51,7 +51,11 @@ def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[st
         model = {"name": m.get("name"), "kwargs": {k: v for k, v in m.items() if k not in ("name", *WEIGHT_KEYS)}}
         model["weights"] = _file_weights(m, base)
     elif m is not None:
-        raise ConfigError(f"config key 'model' must be a name or a table, got {m!r}", 'write model = "resnet18"')
+        raise ConfigError(f"config key 'model' must be a name or a table, got {clip(repr(m), 40)}",
+                          'write model = "resnet18"')
+    if model.get("name") is not None and (not isinstance(model["name"], str) or not model["name"]):
+        raise ConfigError(f"config key 'model.name' must be a model name, got {clip(repr(model['name']), 40)}",
+                          'write model = {name = "resnet18"}')
     data: dict[str, Any] = {"base": base}
     d = doc.get("data")
     if isinstance(d, str):
@@ -59,13 +63,17 @@ def _from_file(doc: dict[str, Any], base: Path) -> tuple[dict[str, Any], dict[st
     elif isinstance(d, dict):
         data["source"] = d.get("source")
         data["options"] = {k: v for k, v in d.items() if k != "source"}
+        if data["source"] is not None and (not isinstance(data["source"], str) or not data["source"]):
+            raise ConfigError(f"config key 'data.source' must be a benchmark or a path, got "
+                              f"{clip(repr(data['source']), 40)}", 'write source = "digits-split"')
     elif d is not None:
-        raise ConfigError(f"config key 'data' must be a benchmark/path or a table, got {d!r}",
+        raise ConfigError(f"config key 'data' must be a benchmark/path or a table, got {clip(repr(d), 40)}",
                           'write data = "digits-split" or [data] source = "path/to/images"')
     t = doc.get("tasks")
     if t is not None:
         if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ConfigError(f"config key 'tasks' must be a positive integer, got {t!r}", "write tasks = 3")
+            raise ConfigError(f"config key 'tasks' must be a positive integer, got {clip(repr(t), 40)}",
+                              "write tasks = 3")
         data["tasks"] = t
     learner = {k: v for k, v in doc.items() if k not in FILE_KEYS}
     return model, data, learner
