@@ -1,13 +1,17 @@
-"""Serving under load: `anpyc serve` against 2,000 requests from 32 concurrent clients, valid and malformed mixed.
+"""Serving under load: `anpyc serve` against 2,000 requests from 32 concurrent clients, valid, malformed and
+adversarial mixed.
 
     python benchmarks/serve_load.py [--requests 2000] [--concurrency 32] [--write]
 
 Builds a small export (a timm model trained briefly on two digits tasks), starts the real server in a
 subprocess (`python -m anpyc.cli serve`), and fires a shuffled mix of requests: image uploads and JSON tensors
-(valid), and oversized bodies, wrong content types, garbage bytes, garbage JSON, wrong shapes, NaN inputs and
-unknown tasks (malformed). Checks: every valid request answered 200 with predictions, every malformed one a
-4xx, the server still healthy at the end, its resident memory stable after warm-up. Latency percentiles of
-valid requests go to BENCHMARKS.md (with --write).
+(valid), oversized bodies, wrong content types, garbage bytes, garbage JSON, wrong shapes, NaN inputs and
+unknown tasks (malformed), and adversarial ones: images that decode (or would resize) to gigabytes (a 1 KB
+1,000,000 x 1 PNG, a 450 KB 12,000 x 12,000 PNG), a 12,000 x 12,000 JPEG (valid: decoded at reduced scale), a
+16-megapixel RGBA PNG (valid, at the pixel limit), JSON nested 100,000 deep, a 6,000-digit number, task ids
+like '²' and made-up HTTP methods. Checks: every valid request answered 200 with predictions, every malformed
+one a 4xx, the server still healthy at the end, its resident memory stable after warm-up and its peak (VmHWM)
+under 1 GB. Latency percentiles of valid requests go to BENCHMARKS.md (with --write).
 """
 
 from __future__ import annotations
@@ -55,9 +59,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_kb(pid: int) -> int:
+def _rss_kb(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -71,18 +75,54 @@ def _png(rng: random.Random, size: int = 8) -> bytes:
     return buf.getvalue()
 
 
+def _encoded(img, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def adversarial_images() -> dict[str, bytes]:
+    """Small files that decode (or would resize) to gigabytes, and large ones within the limits."""
+    from PIL import Image
+
+    return {"wide_png": _encoded(Image.new("L", (1_000_000, 1), 7)),
+            "huge_png": _encoded(Image.new("RGB", (12_000, 12_000), (1, 2, 3))),
+            "huge_jpeg": _encoded(Image.new("RGB", (12_000, 12_000), (1, 2, 3)), "JPEG", quality=30),
+            "rgba_16mp": _encoded(Image.new("RGBA", (4000, 4000), (1, 2, 3, 4)))}
+
+
+VALID = ("upload", "tensor", "huge_jpeg", "rgba_16mp")
+
+
 def make_requests(n: int, shape: tuple[int, ...], tasks: list[int], seed: int = 0) -> list[dict]:
-    """A shuffled mix: ~60% valid (uploads and tensors), ~40% malformed of seven kinds."""
+    """A shuffled mix: ~60% valid (uploads and tensors), ~30% malformed of seven kinds, ~10% adversarial of nine."""
     rng = random.Random(seed)
     sample = np.random.default_rng(seed).standard_normal(shape).round(3).tolist()
-    kinds = (["upload"] * 30 + ["tensor"] * 30 + ["oversized"] * 2 + ["content_type"] * 8 + ["garbage_image"] * 8
-             + ["garbage_json"] * 6 + ["wrong_shape"] * 6 + ["nan"] * 4 + ["unknown_task"] * 6)
+    kinds = (["upload"] * 30 + ["tensor"] * 30 + ["oversized"] * 2 + ["content_type"] * 6 + ["garbage_image"] * 6
+             + ["garbage_json"] * 4 + ["wrong_shape"] * 4 + ["nan"] * 4 + ["unknown_task"] * 4
+             + ["wide_png", "huge_png", "huge_jpeg", "rgba_16mp", "deep_json", "digits_json", "odd_task",
+                "odd_method"])
+    images = adversarial_images()
     reqs = []
     for i in range(n):
         kind = rng.choice(kinds)
         t = rng.choice(tasks)
-        r = {"kind": kind, "valid": kind in ("upload", "tensor"), "path": f"/tasks/{t}/predict"}
-        if kind == "upload":
+        r = {"kind": kind, "valid": kind in VALID, "path": f"/tasks/{t}/predict"}
+        if kind in images:
+            r["files"] = [("file", (f"{kind}.img", images[kind], "image/png"))]
+        elif kind == "deep_json":
+            r["content"] = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            r["headers"] = {"content-type": "application/json"}
+        elif kind == "digits_json":
+            r["content"] = b'{"inputs": [' + b"9" * 6000 + b"]}"
+            r["headers"] = {"content-type": "application/json"}
+        elif kind == "odd_task":
+            r["path"] = "/tasks/²/predict"
+            r["json"] = {"inputs": [sample]}
+        elif kind == "odd_method":
+            r["method"] = f"FOO{i}"
+            r["json"] = {"inputs": [sample]}
+        elif kind == "upload":
             r["files"] = [("file", (f"d{i}.png", _png(rng), "image/png"))]
         elif kind == "tensor":
             r["json"] = {"inputs": [sample]}
@@ -126,8 +166,9 @@ async def _fire(base: str, reqs: list[dict], concurrency: int) -> list[dict]:
             r = reqs[i]
             t0 = time.perf_counter()
             try:
-                resp = await asyncio.wait_for(client.post(base + r["path"], files=r.get("files"), json=r.get("json"),
-                                                          content=r.get("content"), headers=r.get("headers")), 30)
+                resp = await asyncio.wait_for(client.request(r.get("method", "POST"), base + r["path"],
+                                                             files=r.get("files"), json=r.get("json"),
+                                                             content=r.get("content"), headers=r.get("headers")), 30)
                 status, body = resp.status_code, resp.content
             except asyncio.TimeoutError:
                 status, body = -2, b"client gave up after 30 s"
@@ -175,6 +216,7 @@ def run_load(export_dir: Path, *, requests: int = 2000, concurrency: int = 32, s
         rest = asyncio.run(_fire(base, reqs[warm:], concurrency))
         wall = time.perf_counter() - t0
         rss_end = _rss_kb(server.pid)
+        rss_peak = _rss_kb(server.pid, "VmHWM")
         health = httpx.get(base + "/health", timeout=5.0).status_code
         alive = server.poll() is None
     finally:
@@ -206,7 +248,8 @@ def run_load(export_dir: Path, *, requests: int = 2000, concurrency: int = 32, s
         "tracebacks_logged": err_text.count("Traceback"),
         "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
         "throughput_rps": len(results) / wall, "wall_s": wall,
-        "rss_warm_mb": rss_warm / 1024, "rss_end_mb": rss_end / 1024, "by_kind": by_kind,
+        "rss_warm_mb": rss_warm / 1024, "rss_end_mb": rss_end / 1024, "rss_peak_mb": rss_peak / 1024,
+        "by_kind": by_kind,
         "examples_not_4xx": [{k: str(v) for k, v in r.items()} for r in not_4xx[:3]],
         "examples_failed_valid": [{k: str(v) for k, v in r.items()} for r in failed_valid[:3]],
     }
@@ -221,7 +264,14 @@ def write_section(res: dict, command: str) -> None:
 `{command}`
 
 {res['requests']} requests, {res['concurrency']} concurrent clients, one `anpyc serve` process (uvicorn, onnxruntime
-1 intra-op thread), test_resnet task models on 1x32x32 digits, on this shared 2-core CPU machine.
+1 intra-op thread, the default limits: 16 megapixels, aspect ratio 32, 4 predictions at once, 64 waiting, 8 MiB
+bodies), test_resnet task models on 1x32x32 digits, on this shared 2-core CPU machine. The adversarial kinds:
+`wide_png` (1 KB, 1,000,000 x 1), `huge_png` (450 KB, 12,000 x 12,000), `huge_jpeg` (12,000 x 12,000, valid:
+decoded at 1/4 scale), `rgba_16mp` (4,000 x 4,000 RGBA, valid: at the limit), `deep_json` (nested 100,000 deep),
+`digits_json` (a 6,000-digit number), `odd_task` (`/tasks/²/predict`), `odd_method` (`FOO<n>`, a new method each).
+The latency of valid requests includes their wait for one of the 4 inference slots behind the valid adversarial
+images, which cost up to ~0.3 s of CPU each to decode and preprocess (a 16-megapixel RGBA PNG), on two cores that
+another job shares.
 
 | measure | value |
 |---|---|
@@ -231,6 +281,7 @@ def write_section(res: dict, command: str) -> None:
 | latency of valid requests, p50 / p99 | {res['p50_ms']:.1f} ms / {res['p99_ms']:.1f} ms |
 | throughput (all requests) | {res['throughput_rps']:.0f} req/s |
 | server RSS after warm-up / at the end | {res['rss_warm_mb']:.1f} MB / {res['rss_end_mb']:.1f} MB |
+| server peak RSS (VmHWM) | {res['rss_peak_mb']:.1f} MB |
 
 | request kind | count | status codes |
 |---|---|---|
@@ -262,7 +313,8 @@ def main() -> None:
     if args.write:
         write_section(res, "python benchmarks/serve_load.py --requests "
                            f"{args.requests} --concurrency {args.concurrency} --write")
-    ok = (res["failed_valid"] == 0 and res["malformed_not_4xx"] == 0 and res["server_alive"])
+    ok = (res["failed_valid"] == 0 and res["malformed_not_4xx"] == 0 and res["server_alive"]
+          and res["rss_peak_mb"] < 1024)
     sys.exit(0 if ok else 1)
 
 

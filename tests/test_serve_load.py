@@ -1,4 +1,5 @@
-"""Serving under load: 2,000 requests, 32 concurrent clients, valid and malformed mixed, over real HTTP."""
+"""Serving under load: 2,000 requests, 32 concurrent clients, valid, malformed and adversarial mixed, over real
+HTTP."""
 
 from __future__ import annotations
 
@@ -32,4 +33,9 @@ def test_server_survives_mixed_load(tmp_path):
     statuses = {k: set(v["statuses"]) for k, v in res["by_kind"].items()}
     assert statuses["oversized"] == {"413"} and statuses["content_type"] == {"415"}
     assert statuses["unknown_task"] == {"404"} and statuses["wrong_shape"] == {"422"}
+    # adversarial: refused in little memory, or (a huge JPEG, a 16-megapixel PNG) answered within the limits
+    assert statuses["wide_png"] == statuses["huge_png"] == statuses["deep_json"] == statuses["digits_json"] == {"400"}
+    assert statuses["odd_task"] == {"404"} and statuses["odd_method"] == {"405"}
+    assert statuses["huge_jpeg"] == statuses["rgba_16mp"] == {"200"}
     assert res["rss_end_mb"] - res["rss_warm_mb"] < 50, (res["rss_warm_mb"], res["rss_end_mb"])
+    assert res["rss_peak_mb"] < 1024, res["rss_peak_mb"]
