@@ -18,31 +18,36 @@ name, its persistent buffers as ``buffer/<name>``), the values loaded from ``wei
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
+import torch.nn as nn
 
 from . import __version__
 from .backbones import RECORD_INFO, name_from_record
-from .config import to_dict
+from .config import LearnerConfig, to_dict
 from .configure import load_config
 from .dist import context
 from .errors import ConfigError, ModelError, RunDirError, StateFileError, TrainingDiverged, clip
 from .fileio import atomic_write_json, finite, read_json
-from .growth import apply_growth
 from .invariant import PROBES_FORMAT, Probes
 from .maskfile import load_masks, save_masks, schema_tasks
+from .masks import MaskSpace
 from .rundir import RUN_FORMAT, RUN_VERSION, RunDir
 from .runfiles import PHASES, check_state
+from .runstate import InitialValues, RunState
+from .structure.masked import MaskedModel
 from .task import InputSpec
 from .tensorio import load_tensors, save_tensors
 
 if TYPE_CHECKING:  # the learner is only ever passed in
     from .learner import ContinualLearner
 
-__all__ = ["manifest", "create_run", "write_manifest", "write_generation", "read_generation", "write_init", "read_init",
-           "open_run", "PHASES"]
+__all__ = ["manifest", "create_run", "write_manifest", "write_generation", "read_generation", "Generation",
+           "write_init", "read_init", "restore_init", "open_run", "PHASES"]
 
 INIT_FORMAT = "anpyc.init"
 BUFFER = "buffer/"  # init.safetensors: buffers beside the parameters (parameter names never hold a "/")
@@ -57,9 +62,9 @@ def manifest(learner: "ContinualLearner") -> dict[str, Any]:
         "input_spec": learner.input_spec.to_dict(),
         "granularity": learner.space.granularity,
         "layout": learner.base_layout,  # the units before any growth; "growth" replays the widenings
-        "growth": [e.to_dict() for e in learner.growth],
+        "growth": [e.to_dict() for e in learner.state.growth],
         "fingerprint": learner.space.layout_key(),
-        "tasks": [dict(r) for r in learner.tasks],
+        "tasks": [dict(r) for r in learner.state.tasks],
     }
 
 
@@ -70,7 +75,7 @@ def create_run(out_dir: str | Path, learner: "ContinualLearner") -> RunDir:
         run.close()
         raise RunDirError(f"{out_dir} already holds a run", "resume it (--resume) or choose a new --out")
     atomic_write_json(run.path / "config.json", to_dict(learner.config))
-    write_init(run.path / "init.safetensors", learner.init_params, learner.init_buffers)
+    write_init(run.path / "init.safetensors", learner.state.init.params, learner.state.init.buffers)
     write_manifest(run.path / "run.json", learner)
     return run
 
@@ -98,70 +103,85 @@ def read_init(path: Path, device: torch.device) -> tuple[dict[str, torch.Tensor]
     return params, {n[len(BUFFER):]: t.to(device) for n, t in tensors.items() if n.startswith(BUFFER)}
 
 
-def restore_init(learner: "ContinualLearner", params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]
-                 ) -> None:
-    """Put a run's initial values into ``learner``'s trunk (a run with no committed generation restarts from them:
-    the trunk a name builds is only the same when the run did not start from loaded weights)."""
-    own = dict(learner.trunk.named_parameters())
-    own.update(learner.trunk.named_buffers())
+def restore_init(trunk: nn.Module, init: InitialValues, params: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], where: str) -> InitialValues:
+    """Put a run's initial values into ``trunk`` (a run with no committed generation restarts from them: the trunk a
+    name builds is only the same when the run did not start from loaded weights); returns the initial values the
+    run keeps (``init`` describes the freshly built trunk: which of its buffers are BatchNorm statistics)."""
+    own = dict(trunk.named_parameters())
+    own.update(trunk.named_buffers())
     for n, t in {**params, **buffers}.items():
         if n not in own or tuple(own[n].shape) != tuple(t.shape):
-            raise StateFileError(f"init.safetensors of run {learner.out_dir} has tensor {n} of shape "
+            raise StateFileError(f"init.safetensors of run {where} has tensor {n} of shape "
                                  f"{tuple(t.shape)} that this backbone does not have",
                                  "resume with the same backbone and input size")
     with torch.no_grad():
         for n, t in {**params, **buffers}.items():
             own[n].copy_(t)
-    learner.init_params = {n: p.detach().clone() for n, p in learner.trunk.named_parameters()}
-    learner.init_stats = {n: own[n].detach().clone() for n in learner.init_stats}
-    learner.init_buffers = {n: b.detach().clone() for n, b in learner.trunk.named_buffers() if n in buffers}
+    return InitialValues({n: p.detach().clone() for n, p in trunk.named_parameters()},
+                         {n: own[n].detach().clone() for n in init.stats},
+                         {n: b.detach().clone() for n, b in trunk.named_buffers() if n in buffers})
 
 
-def write_generation(d: Path, learner: "ContinualLearner", *, optimizer: bool = False) -> None:
-    """Write every file of one generation of ``learner`` into the folder ``d``."""
-    for n, p in learner.trunk.named_parameters():
+def write_generation(d: Path, state: RunState, *, trunk: nn.Module, model: MaskedModel, space: MaskSpace,
+                     config: LearnerConfig, backbone: dict, importance: dict[str, torch.Tensor],
+                     optimizer: dict | None = None) -> None:
+    """Write every file of one generation into the folder ``d``: the run's ``state`` as a whole, the ``trunk``'s
+    tensors, the heads of ``model``, the owners of ``space``, the importance measure's own tensors and the optimizer
+    state of a task still training (``optimizer``)."""
+    for n, p in trunk.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise TrainingDiverged(f"parameter {n} is not finite; the last good state is kept",
                                    "lower the learning rate (--lr) and start again or resume")
-    trunk = {n: p.detach() for n, p in learner.trunk.named_parameters()}
-    stat_keys = set(learner.init_stats)
-    trunk.update({n: b.detach() for n, b in learner.trunk.named_buffers() if n not in stat_keys})
-    heads = {f"head/{k}/{n}": p.detach() for k, h in learner.model.heads.items() for n, p in h.state_dict().items()}
-    stats = {f"stats/{k}/{n}": v for k, s in learner.stats.items() for n, v in s.items()}
-    cons = {f"omega/{n}": v for n, v in learner.omega.items()}
-    cons.update({f"anchor/{n}": v for n, v in learner.anchor.items()})
-    cons.update({f"tracker/{n}": v for n, v in learner.importance.state().items()})  # the measure's own state
-    state = {"cursor": learner.cursor, "tasks": learner.tasks, "acc_test": learner.acc_test,
-             "acc_val": learner.acc_val, "history": learner.history}
-    opt = learner.runner.optimizer.state_dict() if (optimizer and learner.runner.optimizer is not None) else None
+    tensors = {n: p.detach() for n, p in trunk.named_parameters()}
+    stat_keys = set(state.init.stats)
+    tensors.update({n: b.detach() for n, b in trunk.named_buffers() if n not in stat_keys})
+    heads = {f"head/{k}/{n}": p.detach() for k, h in model.heads.items() for n, p in h.state_dict().items()}
+    stats = {f"stats/{k}/{n}": v for k, s in state.stats.items() for n, v in s.items()}
+    cons = {f"omega/{n}": v for n, v in state.omega.items()}
+    cons.update({f"anchor/{n}": v for n, v in state.anchor.items()})
+    cons.update({f"tracker/{n}": v for n, v in importance.items()})  # the measure's own state
+    by_index = {str(r["index"]): r["id"] for r in state.tasks}
 
-    save_tensors(d / "trunk.safetensors", trunk, fmt="anpyc.trunk", version=1, schema={"backbone": learner.backbone})
-    save_masks(d / "masks.safetensors", learner.space, tasks=[r["index"] for r in learner.tasks])
-    save_tensors(d / "heads.safetensors", heads, fmt="anpyc.heads", version=1,
-                 schema={"tasks": {str(r["index"]): r["id"] for r in learner.tasks}})
+    save_tensors(d / "trunk.safetensors", tensors, fmt="anpyc.trunk", version=1, schema={"backbone": backbone})
+    save_masks(d / "masks.safetensors", space, tasks=[r["index"] for r in state.tasks])
+    save_tensors(d / "heads.safetensors", heads, fmt="anpyc.heads", version=1, schema={"tasks": by_index})
     save_tensors(d / "stats.safetensors", stats, fmt="anpyc.stats", version=1)
     save_tensors(d / "consolidation.safetensors", cons, fmt="anpyc.consolidation", version=1,
-                 schema={"measure": learner.config.importance.measure, "rule": learner.config.consolidation.rule})
-    if learner.growth_values:
-        save_tensors(d / "growth.safetensors", learner.growth_values, fmt="anpyc.growth", version=1,
-                     schema={"events": [e.to_dict() for e in learner.growth],
+                 schema={"measure": config.importance.measure, "rule": config.consolidation.rule})
+    if state.growth_values:
+        save_tensors(d / "growth.safetensors", state.growth_values, fmt="anpyc.growth", version=1,
+                     schema={"events": [e.to_dict() for e in state.growth],
                              "what": "new entries of every tensor each widening added, '<event>/<tensor>'"})
-    save_tensors(d / "probes.safetensors", learner.probes.tensors(), fmt=PROBES_FORMAT, version=1,
-                 schema={"tasks": {str(r["index"]): r["id"] for r in learner.tasks},
+    save_tensors(d / "probes.safetensors", state.probes.tensors(), fmt=PROBES_FORMAT, version=1,
+                 schema={"tasks": by_index,
                          "what": "inputs: the probe batch; outputs/<task index>: the task's outputs when it ended "
                                  "(anpyc.invariant checks every later state against them)"})
-    if opt is not None:
-        flat, meta = flatten_optimizer(opt)
+    if optimizer is not None:
+        flat, meta = flatten_optimizer(optimizer)
         save_tensors(d / "optimizer.safetensors", flat, fmt="anpyc.optimizer", version=1, schema=meta)
-    atomic_write_json(d / "state.json", finite(state))
+    atomic_write_json(d / "state.json", finite(state.progress()))
 
 
-def read_generation(d: Path, learner: "ContinualLearner") -> None:
-    """Load the generation in folder ``d`` into ``learner`` (built for the same backbone and layout)."""
+@dataclass(frozen=True)
+class Generation:
+    """What a committed generation holds beside the tensors loaded into the trunk, the heads and the owners."""
+
+    state: RunState
+    importance: dict[str, torch.Tensor]  # the importance measure's own tensors
+    optimizer: dict | None  # the state of a task's optimizer saved mid-phase
+
+
+def read_generation(d: Path, base: RunState, *, trunk: nn.Module, model: MaskedModel, space: MaskSpace,
+                    device: torch.device, input_spec: InputSpec) -> Generation:
+    """Read the generation in folder ``d``: its trunk tensors into ``trunk``, its owners into ``space``, its heads
+    into ``model`` (all built for the same backbone and layout, every tensor checked), and the run's state as a
+    whole: ``base`` (the initial values and the growth the run was rebuilt with) with the progress, statistics,
+    importance, anchors and probes of ``d``."""
     tensors, _ = load_tensors(d / "trunk.safetensors", fmt="anpyc.trunk")
-    own = dict(learner.trunk.named_parameters())
-    own.update(learner.trunk.named_buffers())
-    missing = [n for n in own if n not in tensors and n not in learner.init_stats]
+    own = dict(trunk.named_parameters())
+    own.update(trunk.named_buffers())
+    missing = [n for n in own if n not in tensors and n not in base.init.stats]
     if missing:
         raise StateFileError(f"trunk state in {d} lacks {missing[:3]}", "resume with the same backbone")
     with torch.no_grad():
@@ -170,41 +190,45 @@ def read_generation(d: Path, learner: "ContinualLearner") -> None:
                 raise StateFileError(f"trunk state in {d} has tensor {n} of shape {tuple(t.shape)} that this "
                                      f"backbone does not have", "resume with the same backbone and input size")
             own[n].copy_(t.to(own[n].device))
-    state = check_state(read_json(d / "state.json", what="run state"), f"run state {d / 'state.json'}")
-    _, schema = load_masks(d / "masks.safetensors", learner.space)
-    if len(schema_tasks(schema)) != len(state["tasks"]):
+    progress = check_state(read_json(d / "state.json", what="run state"), f"run state {d / 'state.json'}")
+    _, schema = load_masks(d / "masks.safetensors", space)
+    if len(schema_tasks(schema)) != len(progress["tasks"]):
         raise StateFileError(f"mask file in {d} records {len(schema_tasks(schema))} task(s), the run state "
-                             f"{len(state['tasks'])}", "restore the run directory from a backup, or re-train")
-    learner.cursor, learner.tasks = state["cursor"], state["tasks"]
-    learner.acc_test, learner.acc_val, learner.history = state["acc_test"], state["acc_val"], state["history"]
+                             f"{len(progress['tasks'])}", "restore the run directory from a backup, or re-train")
+    tasks = progress["tasks"]
     heads, _ = load_tensors(d / "heads.safetensors", fmt="anpyc.heads")
-    stats, _ = load_tensors(d / "stats.safetensors", fmt="anpyc.stats")
+    stats_file, _ = load_tensors(d / "stats.safetensors", fmt="anpyc.stats")
     try:  # tensors of the wrong name, shape or dtype for this run: one line, not a loader's traceback
-        for r in learner.tasks:
+        for r in tasks:
             k = str(r["index"])
             w, b = heads.get(f"head/{k}/weight"), heads.get(f"head/{k}/bias")
             if w is None or b is None or w.ndim != 2 or tuple(b.shape) != (len(r["classes"]),):
                 raise StateFileError(f"heads file in {d} has no head of {len(r['classes'])} classes for task "
                                      f"{r['id']}", "restore the run")
-            head = learner.model.add_head(r["index"], w.shape[0])
+            head = model.add_head(r["index"], w.shape[0])
             head.load_state_dict({"weight": w, "bias": b})
-        learner.stats = {r["index"]: {} for r in learner.tasks}  # a trunk without BatchNorm keeps empty ones
-        for key, v in stats.items():
+        stats: dict[int, dict[str, torch.Tensor]] = {r["index"]: {} for r in tasks}  # no BatchNorm: empty ones
+        for key, v in stats_file.items():
             _, k, name = key.split("/", 2)
-            learner.stats.setdefault(int(k), {})[name] = v.to(learner.device)
+            stats.setdefault(int(k), {})[name] = v.to(device)
     except (KeyError, ValueError, RuntimeError) as e:
         raise StateFileError(f"heads or statistics in {d} do not fit this run ({type(e).__name__}: {clip(e, 80)})",
                              "restore the run directory from a backup, or re-train") from None
     cons, _ = load_tensors(d / "consolidation.safetensors", fmt="anpyc.consolidation")
-    learner.omega = {k[6:]: v.to(learner.device) for k, v in cons.items() if k.startswith("omega/")}
-    learner.anchor = {k[7:]: v.to(learner.device) for k, v in cons.items() if k.startswith("anchor/")}
-    learner.importance.load_state({k[8:]: v for k, v in cons.items() if k.startswith("tracker/")})
+    probes = base.probes
     if (d / "probes.safetensors").exists():  # runs written before the run-time check have none
-        probes, _ = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
-        learner.probes = Probes.from_tensors(probes, tuple(learner.input_spec.shape), str(d / "probes.safetensors"))
+        saved, _ = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
+        probes = Probes.from_tensors(saved, tuple(input_spec.shape), str(d / "probes.safetensors"))
+    optimizer = None
     if (d / "optimizer.safetensors").exists():
         flat, meta = load_tensors(d / "optimizer.safetensors", fmt="anpyc.optimizer")
-        learner.runner.resume_optimizer(unflatten_optimizer(flat, meta.get("schema") or {}, learner.device))
+        optimizer = unflatten_optimizer(flat, meta.get("schema") or {}, device)
+    state = dataclasses.replace(
+        base, tasks=tasks, cursor=progress["cursor"], acc_test=progress["acc_test"], acc_val=progress["acc_val"],
+        history=progress["history"], stats=stats, probes=probes,
+        omega={k[6:]: v.to(device) for k, v in cons.items() if k.startswith("omega/")},
+        anchor={k[7:]: v.to(device) for k, v in cons.items() if k.startswith("anchor/")})
+    return Generation(state, {k[8:]: v for k, v in cons.items() if k.startswith("tracker/")}, optimizer)
 
 
 def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, callbacks: Iterable, lock: bool
@@ -231,17 +255,17 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
         kwargs = None
     lock = lock and context(config.device).is_main  # under torchrun only rank 0 writes (and locks) the run
     run = RunDir(out_dir, create=lock, lock=lock)
-    learner = cls.__new__(cls)
     try:
-        learner._build(model, spec, config, kwargs, callbacks, record=backbone, layout=manifest.get("layout"))
+        learner = cls(model, input_spec=spec, config=config, model_kwargs=kwargs, callbacks=callbacks,
+                      backbone_record=backbone, layout=manifest.get("layout"))
     except BaseException:
         run.close()
         raise
-    learner.run = run if lock else None
-    learner.out_dir = Path(out_dir)
+    learner.bind_run(run if lock else None, out_dir)
     init = read_init(Path(out_dir) / "init.safetensors", learner.device)
     if init is not None:
-        restore_init(learner, *init)
+        learner.adopt(dataclasses.replace(learner.state, init=restore_init(learner.trunk, learner.state.init, *init,
+                                                                           str(out_dir))))
     _replay_growth(learner, manifest, run if manifest.get("generation") is not None else None, out_dir)
     if manifest.get("fingerprint") != learner.space.layout_key():
         raise StateFileError(f"run {out_dir} was trained with another unit layout",
@@ -250,7 +274,9 @@ def open_run(cls: type["ContinualLearner"], out_dir: str | Path, model: Any, *, 
         if key in backbone and key not in learner.backbone:
             learner.backbone[key] = backbone[key]
     if manifest.get("generation") is not None:
-        read_generation(run.state_dir(), learner)
+        gen = read_generation(run.state_dir(), learner.state, trunk=learner.trunk, model=learner.model,
+                              space=learner.space, device=learner.device, input_spec=learner.input_spec)
+        learner.adopt(gen.state, importance=gen.importance, optimizer=gen.optimizer)
     if not lock:
         run.close()
     return learner
@@ -313,7 +339,7 @@ def _replay_growth(learner: "ContinualLearner", manifest: dict, run: RunDir | No
             raise StateFileError(f"run {out_dir} has a malformed growth record ({clip(e, 80)})",
                                  "restore the run directory") from None
         try:
-            apply_growth(learner, k, task, {group: (units, free)}, values=values, reason=reason)
+            learner.grow(k, task, {group: (units, free)}, values=values, reason=reason)
         except (StopIteration, ValueError) as err:
             raise StateFileError(f"run {out_dir} cannot replay its growth of {group!r} ({err})",
                                  "resume with the same backbone, input size and anpyc version") from None

@@ -96,19 +96,20 @@ class ImportanceConfig:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """The adversarial prune-retrain loop.
+    """How a task's claim shrinks to what it keeps (docs/method.md, section 4).
 
-    ``mode``: ``guarded`` keeps releasing ``step`` of the task's claim while validation accuracy stays within
-    ``tolerance`` of the unpruned accuracy, rolling back (and halving the step) when it does not;
-    ``schedule`` is the original fixed schedule (``first_ratio`` for the first task, times ``decay`` for each
-    next, in ``step`` increments); ``none`` disables pruning (the task keeps every free unit).
+    ``mode``: the registered strategy (``anpyc.pruning.PRUNING``; each one's help says what it does): ``gradual``
+    (the default: pruning inside the task's epochs, then a guarded release), ``search``, ``guarded`` (release
+    ``step`` of the claim while validation accuracy stays within ``tolerance``, rolling back and halving the step
+    when it does not), ``schedule`` (the original fixed schedule: ``first_ratio`` for the first task, times
+    ``decay`` for each next, in ``step`` increments) and ``none``.
     ``granularity``: ``unit`` (structured: channels, neurons, heads) or ``element`` (unstructured, paper mode).
     ``geometric`` (guarded mode): each step releases ``step`` of what the task still keeps instead of ``step`` of its
     original claim, so keep-fractions of a few percent (cheap with element masks) are reached in a few steps
     (step 0.5: 50%, 25%, 12.5%, ... kept) and each rollback halves a step that is already small.
     """
 
-    mode: str = "guarded"
+    mode: str = "gradual"
     granularity: str = "unit"
     tolerance: float = 0.02
     step: float = 0.2

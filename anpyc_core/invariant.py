@@ -27,13 +27,19 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 
+from .config import LearnerConfig
 from .errors import InvariantViolation, StateFileError, clip
 from .structure.walk import close
 
-__all__ = ["Probes", "ProbeSource", "check_tasks", "PROBE_SIZE", "PROBES_FORMAT"]
+__all__ = ["Probes", "ProbeSource", "check_tasks", "promises_exactness", "PROBE_SIZE", "PROBES_FORMAT"]
 
 PROBE_SIZE = 4  # inputs: enough to see any change of a task's function, small enough to store at 224 px
 PROBES_FORMAT = "anpyc.probes"
+
+
+def promises_exactness(config: LearnerConfig) -> bool:
+    """Whether a method promises every earlier task bit-identical outputs: a hard freeze with per-task masks."""
+    return config.consolidation.rule == "hard" and config.inference != "shared"
 
 
 class ProbeSource(Protocol):
@@ -64,7 +70,8 @@ class Probes:
         inputs = tensors.get("inputs")
         if inputs is None or inputs.dtype != torch.float32 or tuple(inputs.shape[1:]) != tuple(shape) \
                 or not 0 < inputs.shape[0] <= 64:
-            raise StateFileError(f"probe file {where} does not hold probe inputs of shape [n, {', '.join(map(str, shape))}]",
+            dims = ", ".join(map(str, shape))
+            raise StateFileError(f"probe file {where} does not hold probe inputs of shape [n, {dims}]",
                                  "restore the run directory")
         outputs = {}
         for key, v in tensors.items():

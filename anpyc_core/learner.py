@@ -36,9 +36,10 @@ from .dist import DistContext, check_device, context
 from .errors import ConfigError, DataError, RunDirError
 from .events import Callback, Epoch, Eval, Event, Grow, TaskEnd, TaskStart
 from .fileio import append_jsonl, atomic_write_json, finite
-from .growth import GrowthEvent, apply_growth, plan_growth
+from .growth import GrowthEvent, apply_growth, growth_verdict, plan_growth
 from .importance import create_importance
-from .invariant import Probes, check_tasks
+from .invariant import Probes, check_tasks, promises_exactness
+from .runstate import InitialValues, RunState
 from .loading import Loaders, resolve_workers
 from .structure.masked import MaskedModel
 from .masks import MASK_SPACES, MaskSpace
@@ -51,7 +52,7 @@ from .structure import Structure, feature_count
 from .subnet import TaskModel, measure, standalone
 from .task import InputSpec, Task, check_task
 from .runner import TaskRunner
-from .training import derive_seed, evaluate
+from .training import derive_seed
 
 __all__ = ["ContinualLearner", "Callback", "TaskModel"]
 
@@ -73,10 +74,14 @@ class ContinualLearner:
         model_kwargs: dict[str, Any] | None = None,
         weights: str | Path | None = None,
         callbacks: Iterable[Callback] = (),
+        backbone_record: dict | None = None,
+        layout: list[dict] | None = None,
     ):
         """``weights``: the trunk's initial values, ``"pretrained"`` (timm's weights for a model name) or the path
         of a safetensors file or torch checkpoint (:mod:`anpyc.weights`); recorded in run.json, kept in
-        init.safetensors (a resumed run never needs the file again). Default: the backbone's own seeded init."""
+        init.safetensors (a resumed run never needs the file again). Default: the backbone's own seeded init.
+        ``backbone_record`` and ``layout`` (a run's backbone record and unit layout, as run.json holds them) rebuild
+        a saved run exactly: :meth:`resume` and :meth:`load` pass them."""
         if config is None:
             config = method_config(method or "anpyc")
         elif method is not None and method != config.method:
@@ -88,17 +93,7 @@ class ContinualLearner:
                 raise ConfigError("no input size given", "pass input_size=(C, H, W) or input_spec=InputSpec(...)")
             shape = tuple(int(v) for v in input_size)
             input_spec = InputSpec(kind="image" if len(shape) == 3 else "vector", shape=shape)
-        self._build(model, input_spec, config, model_kwargs, callbacks, record=None, layout=None, weights=weights)
-        self.run: RunDir | None = checkpoint.create_run(out_dir, self) if out_dir is not None and self.ctx.is_main \
-            else None
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-
-    def _build(self, model: nn.Module | str, input_spec: InputSpec, config: LearnerConfig,
-               model_kwargs: dict[str, Any] | None, callbacks: Iterable[Callback], *, record: dict | None,
-               layout: list[dict] | None, weights: str | Path | None = None) -> None:
-        """Everything but the run directory: the trunk (with its initial ``weights``), its units and masks, empty
-        task state. ``record`` and ``layout`` (a run's backbone record and unit layout) rebuild a saved run
-        exactly."""
+        record = backbone_record
         self.config = config
         self.callbacks = list(callbacks)
         check_device(config.device)
@@ -128,31 +123,21 @@ class ContinualLearner:
         # batch sources; the worker count is this process's business (a resumed run may use another one)
         self.loaders = Loaders(resolve_workers(config.workers), self.device)
         self.base_layout = self.space.schema().get("groups")  # the units before any growth (what run.json records)
-        self.growth: list[GrowthEvent] = []  # every widening so far, replayed when the run is reopened
-        self.growth_values: dict[str, torch.Tensor] = {}  # their new entries, "<event>/<tensor>"
+        self.growth_verdicts: dict[str, str | None] = {}  # per group: why it cannot be widened (None: it can)
         self.model = MaskedModel(trunk, self.num_features, self.space.norm_modules()).to(self.device)
         self.model.feature_dropout = config.optim.dropout
         self.stat_names = [n for n, m in trunk.named_modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        self.init_stats = {f"{m}.{b}": getattr(trunk.get_submodule(m), b).detach().clone()
-                           for m in self.stat_names for b in ("running_mean", "running_var", "num_batches_tracked")}
-        self.init_params = {n: p.detach().clone() for n, p in trunk.named_parameters()}
-        self.init_buffers = {n: t.detach().clone() for n, t in trunk.state_dict().items() if n not in self.init_params}
 
-        # ------------------------------------------------------------ state
-        self.tasks: list[dict] = []  # records in learned order: id, name, classes
-        self.stats: dict[int, dict[str, torch.Tensor]] = {}
-        self.omega: dict[str, torch.Tensor] = {}
-        self.anchor: dict[str, torch.Tensor] = {}
+        # ------------------------------------------------------------ state (what the checkpoint writes and reads)
+        self.state = RunState(InitialValues.of(trunk, self.stat_names),
+                              Probes.for_shape(tuple(input_spec.shape), derive_seed(config.seed, "probe")))
         self.importance = create_importance(config.importance.measure)  # the training task's measure
-        self.cursor: dict | None = None
-        self.acc_test: list[list[float | None]] = []
-        self.acc_val: list[list[float | None]] = []
-        self.history: list[dict] = []
         self._data: dict[int, Task] = {}
         self.runner = TaskRunner(self)  # one task index at a time; owns the training task's optimizer
-        # the run-time check that earlier tasks stay what they were (anpyc.invariant): probe inputs, outputs per task
-        self.probes = Probes.for_shape(tuple(input_spec.shape), derive_seed(config.seed, "probe"))
+        self.run: RunDir | None = checkpoint.create_run(out_dir, self) if out_dir is not None and self.ctx.is_main \
+            else None
+        self.out_dir = Path(out_dir) if out_dir is not None else None
 
     # ================================================================================================ public API
     @property
@@ -160,11 +145,10 @@ class ContinualLearner:
         return str(self.backbone.get("name"))
 
     def task_ids(self) -> list[int]:
-        done = self.completed()
-        return [r["id"] for r in self.tasks if r["id"] in done]
+        return [r["id"] for r in self.state.done()]
 
     def completed(self) -> set[int]:
-        return {r["id"] for r in self.tasks if r.get("done")}
+        return set(self.task_ids())
 
     def task_info(self, task: int) -> dict:
         r = self._record(task)
@@ -174,18 +158,17 @@ class ContinualLearner:
         """Train ``task``; a task already learned (e.g. after a resume) returns its record without training."""
         self._check_task(task)
         self._data[task.id] = task
-        rec = next((r for r in self.tasks if r["id"] == task.id), None)
+        rec, cur = self.state.record(task.id), self.state.cursor
         if rec is not None and rec.get("done"):
             return rec
-        if self.cursor is not None and self.cursor.get("task") not in (None, task.id) \
-                and self.cursor.get("phase") != "done":
-            raise RunDirError(f"the run stopped inside task {self.cursor['task']}, but task {task.id} was given",
+        if cur is not None and cur.get("task") not in (None, task.id) and cur.get("phase") != "done":
+            raise RunDirError(f"the run stopped inside task {cur['task']}, but task {task.id} was given",
                               "resume with the same task stream (same order)")
         t0 = time.time()
         if rec is None:
             self._begin_task(task, final)
         k = self._index(task.id)
-        cur = self.cursor
+        cur = self.state.cursor
         if cur["phase"] == "train":
             self._train_phase(task, k)
         if cur["phase"] == "prune":
@@ -197,7 +180,7 @@ class ContinualLearner:
     def attach(self, tasks: Iterable[Task]) -> None:
         """Give a loaded run the data of tasks it learned (for evaluation or int8 calibration), without training."""
         for task in tasks:
-            if any(r["id"] == task.id for r in self.tasks):
+            if self.state.record(task.id) is not None:
                 self._check_task(task)
                 self._data[task.id] = task
 
@@ -223,9 +206,9 @@ class ContinualLearner:
 
     def metrics(self) -> dict:
         """Accuracy matrices, ACC/BWT/forgetting, capacity and parameters/FLOPs per task (docs/method.md, section 8)."""
-        return run_metrics(self.config.method, self.backbone_name, [self.task_info(r["id"]) for r in self.tasks
-                                                                     if r.get("done")],
-                           self.acc_test, self.acc_val, self.history, self.space.num_units)
+        st = self.state
+        return run_metrics(self.config.method, self.backbone_name, [self.task_info(r["id"]) for r in st.done()],
+                           st.acc_test, st.acc_val, st.history, self.space.num_units)
 
     # ------------------------------------------------------------------ inference / export source
     @torch.no_grad()
@@ -241,11 +224,8 @@ class ContinualLearner:
 
     def evaluate(self, task: int, dataset: Dataset) -> float:
         """Top-1 accuracy of task ``task`` on ``dataset`` (NaN for an empty one)."""
-        k = self._index(task)
-        self.runner.use(k)
-        self.model.eval()
-        return evaluate(self.policy.wrap(lambda x: self.model(x, k)), dataset, self.config.eval_batch_size,
-                        self.device, self.loaders.feed)
+        accuracy = self.runner.evaluate(self._index(task), dataset)
+        return float("nan") if accuracy is None else accuracy
 
     def mask_digest(self, task: int) -> str:
         return self.space.digest(self.runner.mask_index(self._index(task)))
@@ -257,25 +237,26 @@ class ContinualLearner:
         return standalone(self.model, self.space, k, self.runner.stats_of(k), mask=self.runner.mask_index(k))
 
     def subnetwork_stats(self, task: int) -> dict:
-        rec = next(h for h in self.history if h["id"] == task)
+        rec = next(h for h in self.state.history if h["id"] == task)
         return {"params": rec["params"], "flops": rec["flops"]}
 
     # ================================================================================================ task phases
     def _check_task(self, task: Task) -> None:
-        known = next((r for r in self.tasks if r["id"] == getattr(task, "id", None)), None)
+        known = self.state.record(getattr(task, "id", None))
         check_task(task, self.input_spec, known)
-        if known is None and len(self.tasks) >= MAX_TASKS - 1:
+        if known is None and len(self.state.tasks) >= MAX_TASKS - 1:
             raise ConfigError(f"a run holds at most {MAX_TASKS - 1} tasks", "start a new run")
 
     def _begin_task(self, task: Task, final: bool) -> None:
-        k = len(self.tasks)
+        k = len(self.state.tasks)
         self.runner.end_optimizer()  # a task trains with an optimizer of its own, never the last task's
-        self.tasks.append({"id": task.id, "name": task.name, "classes": list(task.classes), "index": k,
-                           "final": final, "done": False})
+        self.state.tasks.append({"id": task.id, "name": task.name, "classes": list(task.classes), "index": k,
+                                 "final": final, "done": False})
         self.space.make_room(k)
-        plan = plan_growth(self, k)
-        grown = apply_growth(self, k, task.id, plan, reason=f"fewer free units than grow.min_free = "
-                                                             f"{self.config.grow.min_free} of the base width")
+        plan = plan_growth(self.config.grow, self.space, lambda name: growth_verdict(
+            self.growth_verdicts, self.trunk, self.space, name, self._example, self.config.seed))
+        grown = self.grow(k, task.id, plan, reason=f"fewer free units than grow.min_free = "
+                                                   f"{self.config.grow.min_free} of the base width")
         for e in grown:
             self.emit(Grow(task=task.id, group=e.group, units=e.units, width=e.width, free=e.free, reason=e.reason))
         if grown:
@@ -287,15 +268,15 @@ class ContinualLearner:
                 for name, mask in self.space.touched(claimed).items():
                     p = dict(self.trunk.named_parameters()).get(name)
                     if p is not None:
-                        p.copy_(torch.where(mask.to(p.device), self.init_params[name].to(p.device), p))
+                        p.copy_(torch.where(mask.to(p.device), self.state.init.params[name].to(p.device), p))
             self._check_earlier(f"the re-initialisation of the units task {task.id} claimed")
         torch.manual_seed(derive_seed(self.config.seed, "head", task.id))
         self.model.add_head(k, task.num_classes)
-        prev = self.stats.get(k - 1)
-        self.stats[k] = {n: v.clone() for n, v in (prev or self.init_stats).items()}
-        self.anchor = {n: p.detach().clone() for n, p in self.trunk.named_parameters()}
+        prev = self.state.stats.get(k - 1)
+        self.state.stats[k] = {n: v.clone() for n, v in (prev or self.state.init.stats).items()}
+        self.state.anchor = {n: p.detach().clone() for n, p in self.trunk.named_parameters()}
         self.importance.begin(self.runner.params())
-        self.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
+        self.state.cursor = {"task": task.id, "phase": "train", "epoch": 0, "prune": {}}
         self.emit(TaskStart(task=task.id, name=task.name, index=k, claimed_units=int(claimed.sum())))
 
     def _strategy(self, task: Task) -> Strategy:
@@ -306,33 +287,33 @@ class ContinualLearner:
     def _train_phase(self, task: Task, k: int) -> None:
         cfg = self.config.optim
         epochs = self._strategy(task).dense_epochs(self.config.prune, cfg.epochs)  # the rest are the strategy's
-        while self.cursor["epoch"] < epochs:
-            epoch = self.cursor["epoch"]
+        while self.state.cursor["epoch"] < epochs:
+            epoch = self.state.cursor["epoch"]
             res = self.runner.run_epoch(task, k, phase="train", step=0, epoch=epoch, cfg=cfg)
-            self.cursor["epoch"] = epoch + 1
-            last = self.cursor["epoch"] >= epochs
+            self.state.cursor["epoch"] = epoch + 1
+            last = self.state.cursor["epoch"] >= epochs
             self.emit(Epoch(task=task.id, phase="train", epoch=epoch, loss=res.loss, train_acc=res.accuracy,
                             penalty=res.penalty))
             if last:
                 self.runner.end_optimizer()
-                self.cursor.update(phase="prune", prune={})
+                self.state.cursor.update(phase="prune", prune={})
                 # the running averages lag the weights of the last epochs (a few batches per epoch: a task that
                 # trains at 100% can measure 50% with them): what the task scores is measured with its statistics
                 # re-estimated, and so is the reference a strategy's guard compares with
                 self.runner.recalibrate(task, k)
-                self.cursor["a0"] = self.runner.val_accuracy(task, k)
-                self.emit(Eval(task=task.id, phase="train_end", val_acc=self.cursor["a0"]))
+                self.state.cursor["a0"] = self.runner.val_accuracy(task, k)
+                self.emit(Eval(task=task.id, phase="train_end", val_acc=self.state.cursor["a0"]))
                 self.save()
             elif self.config.checkpoint_epochs:
                 self.save(optimizer=True)
 
     def _prune_phase(self, task: Task, k: int) -> None:
         strategy, host = self._strategy(task), LearnerHost(self, task, k)
-        state = strategy.state(self.cursor.get("prune"), host, self.cursor["a0"])
-        state = strategy.run(host, host, self.config.prune, state, task_index=k)
+        prune = strategy.state(self.state.cursor.get("prune"), host, self.state.cursor["a0"])
+        prune = strategy.run(host, host, self.config.prune, prune, task_index=k)
         # the gradual strategy trained in the prune phase: its optimizer (and one a resume restored) ends here
         self.runner.end_optimizer()
-        self.cursor.update(phase="consolidate", prune=state.to_dict())
+        self.state.cursor.update(phase="consolidate", prune=prune.to_dict())
 
     def _finish_task(self, task: Task, k: int, seconds: float) -> None:
         # the statistics the task keeps are measured on its final weights (a strategy that ended on retraining
@@ -345,53 +326,56 @@ class ContinualLearner:
         if CONSOLIDATION.get(self.config.consolidation.rule).uses_omega:
             owned = {n: self.space.element_owner(n, tuple(p.shape)) != self.space.free
                      for n, p in self.trunk.named_parameters()}
-            self.omega = accumulate_omega(self.omega, self.runner.importance(task, k), owned,
-                                          self.config.importance.accumulate)
+            self.state.omega = accumulate_omega(self.state.omega, self.runner.importance(task, k), owned,
+                                                self.config.importance.accumulate)
         # evaluate every task learned so far
         row_test, row_val = [], []
         for j in range(k + 1):
-            data = self._data.get(self.tasks[j]["id"])
+            data = self._data.get(self.state.tasks[j]["id"])
             row_test.append(self.runner.evaluate(j, data.test if data is not None else None))
             row_val.append(self.runner.evaluate(j, data.val if data is not None else None))
-        self.acc_test.append(row_test)
-        self.acc_val.append(row_val)
+        self.state.acc_test.append(row_test)
+        self.state.acc_val.append(row_val)
         stats = measure(self.model, self.space, k, self.runner.stats_of(k), self._example)
-        prune = self.cursor.get("prune") or {}
+        prune = self.state.cursor.get("prune") or {}
         rec = {
             "id": task.id, "index": k, "capacity": self.space.capacity(),
             "capacity_params": self.space.capacity_params(), "owned_units": int((self.space.owners == k).sum()),
             **stats, "prune": {"released": prune.get("released", 0), "claim": prune.get("claim", 0),
-                               "steps": len(prune.get("steps", [])), "a0": self.cursor.get("a0")},
-            "seconds": seconds, "drift": {str(self.tasks[j]["id"]): d for j, d in drift.items()},
+                               "steps": len(prune.get("steps", [])), "a0": self.state.cursor.get("a0")},
+            "seconds": seconds, "drift": {str(self.state.tasks[j]["id"]): d for j, d in drift.items()},
         }
-        self.history.append(rec)
-        self.probes.record(self, k, task.id, self._exact())
+        self.state.history.append(rec)
+        self.state.probes.record(self, k, task.id, promises_exactness(self.config))
         self._record(task.id)["done"] = True
-        self.cursor = {"task": task.id, "phase": "done"}
+        self.state.cursor = {"task": task.id, "phase": "done"}
         self.emit(TaskEnd(task=task.id, acc_row=row_test, capacity=rec["capacity"], params=rec["params"],
                           flops=rec["flops"], drift=rec["drift"]))
         self.save()
         self._write_metrics()
 
-    # ------------------------------------------------------------------ the run-time invariant (anpyc.invariant)
-    def _exact(self) -> bool:
-        """Whether the method promises every earlier task bit-identical outputs (a hard freeze, per-task masks)."""
-        return self.config.consolidation.rule == "hard" and self.config.inference != "shared"
-
     def _check_earlier(self, operation: str) -> dict[int, float]:
-        """Every finished task against what it computed when it ended (raises under a hard freeze)."""
-        return check_tasks(self, self.probes, operation, exact=self._exact())
+        """Every finished task against what it computed when it ended (anpyc.invariant; raises under a hard freeze)."""
+        return check_tasks(self, self.state.probes, operation, exact=promises_exactness(self.config))
 
     # ================================================================================================ internals
     def _index(self, task_id: int) -> int:
-        for r in self.tasks:
-            if r["id"] == task_id:
-                return r["index"]
-        known = [r["id"] for r in self.tasks]
+        if (r := self.state.record(task_id)) is not None:
+            return r["index"]
+        known = [r["id"] for r in self.state.tasks]
         raise DataError(f"unknown task {task_id}", f"valid task ids: {known}" if known else "learn a task first")
 
     def _record(self, task_id: int) -> dict:
-        return self.tasks[self._index(task_id)]
+        return self.state.tasks[self._index(task_id)]
+
+    def grow(self, k: int, task_id: int, plan: dict[str, tuple[int, int]], *,
+             values: dict[str, torch.Tensor] | None = None, reason: str = "") -> list[GrowthEvent]:
+        """Widen the groups of ``plan`` (:mod:`anpyc.growth`) at the start of task index ``k``; ``values`` replays a
+        recorded growth."""
+        self.space, events = apply_growth(self.state, self.trunk, self.space, self.model, k, task_id, plan,
+                                          seed=self.config.seed, values=values, reason=reason)
+        self.structure, self.num_features = self.space.structure, self.model.num_features
+        return events
 
     def task_data(self, task_id: int) -> Task | None:
         """The data of task ``task_id`` when it was given in this session (learned or attached)."""
@@ -419,8 +403,24 @@ class ContinualLearner:
     def save(self, *, optimizer: bool = False) -> None:
         """Commit the full state as a new generation (rank 0 only)."""
         if self.run is not None:
-            self.run.commit(lambda d: checkpoint.write_generation(d, self, optimizer=optimizer),
-                            checkpoint.manifest(self))
+            opt = self.runner.optimizer.state_dict() if optimizer and self.runner.optimizer is not None else None
+            self.run.commit(lambda d: checkpoint.write_generation(
+                d, self.state, trunk=self.trunk, model=self.model, space=self.space, config=self.config,
+                backbone=self.backbone, importance=self.importance.state(), optimizer=opt), checkpoint.manifest(self))
+
+    def bind_run(self, run: RunDir | None, out_dir: str | Path) -> None:
+        """The run directory this learner was reopened from (``run``: locked for writing, or None to read only)."""
+        self.run, self.out_dir = run, Path(out_dir)
+
+    def adopt(self, state: RunState, *, importance: dict[str, torch.Tensor] | None = None,
+              optimizer: dict | None = None) -> None:
+        """Continue from ``state`` (a run's recorded state, :mod:`anpyc.checkpoint`); ``importance``: the measure's
+        own tensors, ``optimizer``: the state of a task's optimizer saved mid-phase."""
+        self.state = state
+        if importance is not None:
+            self.importance.load_state(importance)
+        if optimizer is not None:
+            self.runner.resume_optimizer(optimizer)
 
     @classmethod
     def resume(cls, out_dir: str | Path, model: nn.Module | None = None, *, callbacks: Iterable[Callback] = ()

@@ -47,13 +47,14 @@ def _anpyc_element() -> LearnerConfig:
     # on permuted MNIST-5k at 50 tasks (benchmarks/forgetting.py --search --suites permuted50; BENCHMARKS.md). On
     # 10 tasks, keeping more per task (tolerance 0.01, linear steps) wins instead: a short stream needs no room.
     return LearnerConfig(method="anpyc-element", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="hard"),
-                         prune=PruneConfig(granularity="element", tolerance=0.02, max_ratio=0.99, retrain_epochs=4,
-                                           geometric=True, step=0.5))
+                         prune=PruneConfig(mode="guarded", granularity="element", tolerance=0.02, max_ratio=0.99,
+                                           retrain_epochs=4, geometric=True, step=0.5))
 
 
 @METHODS.register("anpyc-soft", help="ANPyC with soft consolidation: quadratic penalty plus importance-gated updates")
 def _anpyc_soft() -> LearnerConfig:
-    return LearnerConfig(method="anpyc-soft", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="gate"))
+    return LearnerConfig(method="anpyc-soft", grow=NO_GROWTH, prune=PruneConfig(mode="guarded"),
+                         consolidation=ConsolidationConfig(rule="gate"))
 
 
 # The original's lambda = 3 multiplies its raw importance: the entropy *summed* over a batch of 256, so its scores

@@ -23,6 +23,7 @@ from .importance import Importance, task_importance
 from .loading import Loaders
 from .masks import MaskSpace
 from .precision import Policy
+from .runstate import RunState
 from .structure.masked import MaskedModel
 from .task import Task
 from .training import (EpochResult, correctness, derive_seed, evaluate, make_loader, make_optimizer, tagged_concat,
@@ -38,12 +39,8 @@ class RunContext(Protocol):
     space: MaskSpace  # replaced when the backbone grows: read it anew on every call
     model: MaskedModel
     trunk: nn.Module
-    tasks: list[dict]  # task records in learned order
-    stats: dict[int, dict[str, torch.Tensor]]  # BatchNorm statistics per task index
-    omega: dict[str, torch.Tensor]
-    anchor: dict[str, torch.Tensor]
+    state: RunState  # task records, statistics per task index, importance and anchors, history
     importance: Importance  # the importance measure of the task being trained (its training hooks accumulate)
-    history: list[dict]
     stat_names: list[str]
     policy: Policy
     loaders: Loaders
@@ -94,7 +91,7 @@ class TaskRunner:
     def mask_index(self, k: int) -> int:
         """The task index whose mask task index ``k`` runs with: its own, or under ``inference = "shared"`` (the
         paper mode) the newest task's, the whole network as it is now."""
-        return max(k, len(self.context.tasks) - 1) if self.context.config.inference == "shared" else k
+        return max(k, len(self.context.state.tasks) - 1) if self.context.config.inference == "shared" else k
 
     def stats_of(self, k: int) -> dict[str, torch.Tensor]:
         """The BatchNorm statistics task index ``k`` runs with. Under hard consolidation a task's parameters never
@@ -102,9 +99,9 @@ class TaskRunner:
         parameters (fine-tuning, joint training, EWC/MAS/SI, the soft rules) run every task with the latest
         statistics, the ones that belong to the current weights: an earlier task's own statistics were measured on
         older weights and would add a drop of their own (joint training, the upper bound, lost up to 19 points)."""
-        if self.context.config.consolidation.rule != "hard" and self.context.stats:
-            k = max(self.context.stats)
-        return self.context.stats.get(k, {})
+        if self.context.config.consolidation.rule != "hard" and self.context.state.stats:
+            k = max(self.context.state.stats)
+        return self.context.state.stats.get(k, {})
 
     def old_masks(self, k: int) -> dict[str, torch.Tensor]:
         return {n: (self.context.space.element_owner(n, tuple(p.shape)) < k).to(p.device)
@@ -119,7 +116,7 @@ class TaskRunner:
 
     def train_dataset(self, task: Task, k: int) -> Dataset:
         if self.context.config.replay == "all":
-            data = [self.context.task_data(r["id"]) for r in self.context.tasks[: k + 1]]
+            data = [self.context.task_data(r["id"]) for r in self.context.state.tasks[: k + 1]]
             parts = [(j, d.train) for j, d in enumerate(data) if d is not None]
             if len(parts) != k + 1:
                 raise DataError("joint training needs the data of every earlier task",
@@ -145,7 +142,7 @@ class TaskRunner:
         cons = create_consolidation(run.config.consolidation if k > 0 else
                                     type(run.config.consolidation)(rule="none"))
         old = self.old_masks(k)
-        cons.begin(params, run.omega, run.anchor, old)
+        cons.begin(params, run.state.omega, run.state.anchor, old)
         if extra is not None:
             cons = Stack([cons, extra])
         decay = {n: (~m).float() for n, m in old.items()}
@@ -163,7 +160,7 @@ class TaskRunner:
             on_batch=(lambda b, loss: [c.on_batch(phase, b, total, loss) for c in callbacks]) if callbacks else None,
         )
         self._last_epoch = res  # its timing goes into the Epoch event logged for it
-        for v in run.stats.get(k, {}).values():  # each rank saw its own shard: average the statistics
+        for v in run.state.stats.get(k, {}).values():  # each rank saw its own shard: average the statistics
             if v.is_floating_point():
                 run.ctx.all_reduce_mean_(v)
         return res
@@ -203,7 +200,7 @@ class TaskRunner:
         try:
             for m in modules:
                 m.momentum = None  # cumulative average over the calibration batches
-            seed = derive_seed(run.config.seed, task.id, "calibrate", len(run.history))
+            seed = derive_seed(run.config.seed, task.id, "calibrate", len(run.state.history))
             for x, _ in take_batches(self.train_dataset(task, k), run.config.optim.batch_size, n, seed, run.device,
                                      run.ctx, run.loaders.feed):
                 with run.policy.autocast():
@@ -225,6 +222,6 @@ class TaskRunner:
         run = self.context
         self.use(k)
         run.model.eval()
-        seed = derive_seed(run.config.seed, task.id, "importance", len(run.history))
+        seed = derive_seed(run.config.seed, task.id, "importance", len(run.state.history))
         return task_importance(run.importance, run.policy.wrap(lambda x: run.model(x, k)), self.params(), task.train,
                                run.config.importance, seed, run.device, run.ctx, run.loaders.feed)

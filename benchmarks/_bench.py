@@ -104,7 +104,7 @@ def run(spec: RunSpec, *, device: str = "cpu", threads: int = 1, cache: Path | N
     try:
         metrics = learner.fit(stream)
     except TrainingDiverged as e:  # a search point that diverges is a result (it loses), not a crash
-        diverged = f"task {len(learner.acc_test)}: {e}"
+        diverged = f"task {len(learner.state.acc_test)}: {e}"
         metrics = learner.metrics()
         log(f"  {spec.suite} {spec.method} seed {spec.seed}: DIVERGED at {diverged}")
     wall = time.perf_counter() - t0

@@ -122,7 +122,7 @@ class Prepared:
         opt = make_optimizer(list(params.values()) + list(l.model.heads[str(k)].parameters()), cfg.optim)
         cons = create_consolidation(cfg.consolidation if k > 0 else ConsolidationConfig(rule="none"))
         old = runner.old_masks(k)
-        cons.begin(params, l.omega, l.anchor, old)
+        cons.begin(params, l.state.omega, l.state.anchor, old)
         decay = {n: (~m).float() for n, m in old.items()}
         forward = runner.train_forward(k)
         l.model.train()

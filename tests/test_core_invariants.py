@@ -46,7 +46,7 @@ def test_isolation_bit_exact(model):
                 if int(j) != k:
                     for hp in head.parameters():
                         hp.copy_(torch.randn(hp.shape, generator=gen))
-            for j, stats in learner.stats.items():
+            for j, stats in learner.state.stats.items():
                 if j != k:
                     for v in stats.values():
                         if v.is_floating_point():

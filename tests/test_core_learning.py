@@ -226,4 +226,4 @@ def test_every_task_trains_its_own_head_from_its_first_epoch(grow):
     learner.fit(stream)
     assert cfg.prune.mode == "gradual" and [s[:2] for s in seen] == [(t, e) for t in range(3) for e in range(4)]
     assert all(head and trunk for *_, head, trunk in seen), seen
-    assert bool(learner.growth) == grow
+    assert bool(learner.state.growth) == grow

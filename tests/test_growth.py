@@ -38,7 +38,7 @@ def test_growth_keeps_every_earlier_task_bit_identical(model, tmp_path, randomiz
     stream = _stream(model)
     learner = _learner(model, stream)
     randomized_norms(learner.trunk)
-    learner.init_params = {n: p.detach().clone() for n, p in learner.trunk.named_parameters()}
+    learner.state.init.params = {n: p.detach().clone() for n, p in learner.trunk.named_parameters()}
     x = torch.randn(3, *stream.input_spec.shape, generator=torch.Generator().manual_seed(1))
     seen: dict[int, torch.Tensor] = {}
     widths = [learner.space.num_units]
@@ -53,12 +53,12 @@ def test_growth_keeps_every_earlier_task_bit_identical(model, tmp_path, randomiz
             seen[t] = y
             assert float((learner.reference_forward(t, x) - y).abs().max()) <= 1e-4
     assert widths[-1] > widths[0], widths  # the backbone did grow
-    grown = {e.group for e in learner.growth}
+    grown = {e.group for e in learner.state.growth}
     assert grown and all(learner.structure.groups[[g.name for g in learner.structure.groups].index(n)].size
                          > learner.space.base_sizes[n] for n in grown)
-    assert all(e.index >= 1 for e in learner.growth)  # task 0 found a full pool
+    assert all(e.index >= 1 for e in learner.state.growth)  # task 0 found a full pool
     if model == "test_vit":  # heads: the attention modules count the new heads
-        heads = [e for e in learner.growth if e.group.endswith("attn.qkv")]
+        heads = [e for e in learner.state.growth if e.group.endswith("attn.qkv")]
         assert heads
         attn = learner.trunk.get_submodule(heads[0].group.rsplit(".", 1)[0])
         assert attn.num_heads == next(g.size for g in learner.structure.groups if g.name == heads[0].group)
@@ -74,10 +74,10 @@ def test_grown_task_models_export_unchanged_and_resume(tmp_path):
     export_all(learner, tmp_path / "before", threads=1)
     learner.learn(stream[1])
     learner.learn(stream[2], final=True)
-    assert learner.growth, "no growth happened"
+    assert learner.state.growth, "no growth happened"
     learner.close()
     reopened = anpyc.ContinualLearner.load(tmp_path / "run")
-    assert [e.to_dict() for e in reopened.growth] == [e.to_dict() for e in learner.growth]
+    assert [e.to_dict() for e in reopened.state.growth] == [e.to_dict() for e in learner.state.growth]
     assert reopened.space.num_units == learner.space.num_units
     export_all(reopened, tmp_path / "after", threads=1)
     x = np.random.default_rng(0).standard_normal((2, *stream.input_spec.shape)).astype(np.float32)
@@ -87,7 +87,7 @@ def test_grown_task_models_export_unchanged_and_resume(tmp_path):
     for t in reopened.task_ids():
         assert after.sidecar(t)["parity"]["max_abs_diff"] <= 1e-4
     manifest = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert manifest["version"] == 3 and len(manifest["growth"]) == len(learner.growth)
+    assert manifest["version"] == 3 and len(manifest["growth"]) == len(learner.state.growth)
     assert sum(g["size"] for g in manifest["layout"]) < learner.space.num_units  # the layout before growth
 
 
@@ -99,11 +99,11 @@ def test_inspect_shows_widths_and_growth(tmp_path):
     r = invoke("inspect", tmp_path / "run", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert [e["group"] for e in doc["growth"]] == [e.group for e in learner.growth]
+    assert [e["group"] for e in doc["growth"]] == [e.group for e in learner.state.growth]
     assert {g["name"]: (g["base_size"], g["size"]) for g in doc["groups"]} == {
         g.name: (learner.space.base_sizes[g.name], g.size) for g in learner.structure.groups}
     text = " ".join(invoke("inspect", tmp_path / "run").stdout.split())
-    assert f"growth: {len(learner.growth)} widening(s)" in text
+    assert f"growth: {len(learner.state.growth)} widening(s)" in text
 
 
 def test_no_grow_keeps_the_size_fixed(tmp_path):
@@ -238,10 +238,10 @@ def test_a_learner_never_widens_a_group_its_trial_widening_breaks(tmp_path):
     ghost = next(g.name for g in learner.structure.groups if "ghost" in g.name)
     for i, task in enumerate(stream):
         learner.learn(task, final=i == len(stream) - 1)
-    grown = {e.group for e in learner.growth}
+    grown = {e.group for e in learner.state.growth}
     assert ghost not in grown and grown, grown
-    assert learner._growth_verdicts[ghost].startswith("widening breaks the forward pass")
-    assert min(learner.acc_test[-1]) > 0.0
+    assert learner.growth_verdicts[ghost].startswith("widening breaks the forward pass")
+    assert min(learner.state.acc_test[-1]) > 0.0
 
 
 class _RelBias(torch.nn.Module):

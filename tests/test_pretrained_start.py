@@ -72,8 +72,8 @@ def _learn_and_check(learner, stream) -> None:
             if t in seen:
                 assert torch.equal(y, seen[t]), f"task {t} changed after task {task.id}"
             seen[t] = y
-    assert learner.growth, "no growth happened"
-    rows = learner.acc_test
+    assert learner.state.growth, "no growth happened"
+    rows = learner.state.acc_test
     assert all(rows[-1][j] == rows[j][j] for j in range(len(rows))), rows
     assert learner.metrics()["bwt"] == 0.0
 
@@ -85,9 +85,9 @@ def test_growth_from_trained_weights_keeps_every_earlier_task(model, tmp_path):
     save_file(trained_like(model, **kwargs), tmp_path / "w.safetensors")
     learner = _learner(model, stream, tmp_path / "w.safetensors")
     if model == "test_resnet":  # the statistics loaded are a trained network's, not a fresh BatchNorm's
-        assert float(min(v.min() for k, v in learner.init_stats.items() if k.endswith("running_var"))) < 0.05
+        assert float(min(v.min() for k, v in learner.state.init.stats.items() if k.endswith("running_var"))) < 0.05
     _learn_and_check(learner, stream)
-    for stats in learner.stats.values():  # no task holds a negative variance for any channel
+    for stats in learner.state.stats.values():  # no task holds a negative variance for any channel
         assert all(float(v.min()) >= 0 for k, v in stats.items() if k.endswith("running_var"))
 
 
@@ -113,7 +113,7 @@ def test_growth_from_timm_pretrained_weights_offline(hf_cache):
     the hub is asked nothing), and growth from them keeps every earlier task."""
     stream = _stream("test_resnet")
     learner = _learner("test_resnet", stream, "pretrained")
-    assert torch.equal(learner.init_stats["bn1.running_var"].cpu(), hf_cache["bn1.running_var"])
+    assert torch.equal(learner.state.init.stats["bn1.running_var"].cpu(), hf_cache["bn1.running_var"])
     assert learner.backbone["weights"]["hub_id"] == "timm/test_resnet.r160_in1k"
     _learn_and_check(learner, stream)
 
@@ -214,7 +214,7 @@ def test_the_cli_exits_non_zero_with_one_line_and_keeps_the_last_generation(monk
     user_error(invoke("train", "--model", "test_resnet", "--weights", weights, *SYNTH, "--tasks", "2", "--out", run,
                       *FAST, *grow), "task 0's masked model left its subnetwork during the growth", "report it")
     learner = anpyc.ContinualLearner.load(run)  # the generation task 0 committed, whole
-    assert learner.task_ids() == [0] and not learner.growth
+    assert learner.task_ids() == [0] and not learner.state.growth
     assert json.loads((run / "metrics.json").read_text())["num_tasks"] == 1
 
 
@@ -231,7 +231,7 @@ def test_a_reinit_that_touches_an_earlier_task_is_named(monkeypatch, tmp_path):
         return out | owned
 
     monkeypatch.setattr(learner.space, "claim_free", claim)
-    learner.init_params = {n: p + 1.0 for n, p in learner.init_params.items()}
+    learner.state.init.params = {n: p + 1.0 for n, p in learner.state.init.params.items()}
     with pytest.raises(InvariantViolation) as e:
         learner.learn(stream[1], final=True)
     assert e.value.one_line.startswith("task 0 changed during the re-initialisation of the units task 1 claimed: its "
@@ -243,7 +243,7 @@ def test_shared_weight_methods_report_their_drift(tmp_path):
     learner = anpyc.ContinualLearner("test_resnet", input_spec=stream.input_spec, out_dir=tmp_path / "run",
                                      config=anpyc.method_config("finetune", **{**GROW, "optim.lr": 0.05}))
     learner.fit(stream)
-    drift = [h["drift"] for h in learner.history]
+    drift = [h["drift"] for h in learner.state.history]
     assert drift[0] == {} and set(drift[1]) == {"0"} and set(drift[2]) == {"0", "1"}
     assert all(v > 0 and math.isfinite(v) for d in drift[1:] for v in d.values()), drift  # fine-tuning moves them
     ends = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()
@@ -251,11 +251,11 @@ def test_shared_weight_methods_report_their_drift(tmp_path):
     assert [e["drift"] for e in ends] == drift
     # the records survive a reopen, and a hard-freeze run reports exactly zero
     reopened = anpyc.ContinualLearner.load(tmp_path / "run")
-    assert set(reopened.probes.outputs) == {0, 1, 2}
-    assert torch.equal(reopened.probes.inputs, learner.probes.inputs)
+    assert set(reopened.state.probes.outputs) == {0, 1, 2}
+    assert torch.equal(reopened.state.probes.inputs, learner.state.probes.inputs)
     hard = _learner("test_resnet", stream, None)
     hard.fit(stream)
-    assert all(v == 0.0 for h in hard.history for v in h["drift"].values()) and hard.history[-1]["drift"]
+    assert all(v == 0.0 for h in hard.state.history for v in h["drift"].values()) and hard.state.history[-1]["drift"]
 
 
 def test_a_task_is_measured_with_statistics_of_its_final_weights(tmp_path):
@@ -275,4 +275,4 @@ def test_a_task_is_measured_with_statistics_of_its_final_weights(tmp_path):
     learner.callbacks.append(Keep())
     learner.learn(stream[0], final=True)
     a0 = next(e["val_acc"] for e in events if e["event"] == "eval" and e.get("phase") == "train_end")
-    assert a0 >= 0.75 and learner.acc_val[0][0] == a0, (a0, learner.acc_val)
+    assert a0 >= 0.75 and learner.state.acc_val[0][0] == a0, (a0, learner.state.acc_val)

@@ -41,7 +41,7 @@ def test_every_preset_learns_and_keeps_its_promise(method):
         with torch.no_grad():
             ok, diff = close(learner.subnetwork(t)(x), learner.reference_forward(t, x).cpu())
         assert ok, (method, t, diff)
-    drift = [v for h in learner.history for v in h["drift"].values()]
+    drift = [v for h in learner.state.history for v in h["drift"].values()]
     assert len(drift) == 3  # tasks 0 (after task 1), 0 and 1 (after task 2)
     if cfg.consolidation.rule == "hard" and cfg.inference != "shared":
         assert metrics["bwt"] == 0.0 and drift == [0.0, 0.0, 0.0], (method, metrics["bwt"], drift)
@@ -71,9 +71,9 @@ def _saves(cfg, stream, tmp: Path) -> tuple[int, dict]:
 
 
 def _result(learner) -> dict:
-    return {"acc": learner.acc_test, "owners": learner.space.owners.tolist(),
+    return {"acc": learner.state.acc_test, "owners": learner.space.owners.tolist(),
             "trunk": [p.detach().clone() for p in learner.trunk.parameters()],
-            "prune": [h["prune"] for h in learner.history]}
+            "prune": [h["prune"] for h in learner.state.history]}
 
 
 @pytest.mark.parametrize("mode", PRUNING.names())
@@ -102,7 +102,7 @@ def test_every_strategy_resumes_from_every_checkpoint(mode, tmp_path):
         learner.save = save
         with pytest.raises(_Stop):
             learner.fit(stream)
-        phases.add(learner.cursor["phase"])
+        phases.add(learner.state.cursor["phase"])
         learner.close()
         resumed = anpyc.ContinualLearner.resume(run)
         resumed.fit(stream)

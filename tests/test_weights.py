@@ -208,7 +208,7 @@ def test_a_run_that_had_not_committed_restarts_from_the_loaded_values(files, sta
     with learner:
         assert learner.backbone["weights"]["source"] == "file"
         assert_same({k: v.cpu() for k, v in learner.trunk.state_dict().items()}, trunk_part(state))
-        assert all(torch.equal(learner.init_stats[k].cpu(), state[k]) for k in learner.init_stats)
+        assert all(torch.equal(learner.state.init.stats[k].cpu(), state[k]) for k in learner.state.init.stats)
         learner.learn(stream[0])
         assert learner.task_ids() == [0]
 

@@ -157,7 +157,7 @@ class LearnerHost:
             {n: t.detach().clone() for n, t in learner.trunk.state_dict().items()},
             learner.space.owners.clone(),
             copy.deepcopy(learner.model.heads[str(self.index)].state_dict()),
-            {n: v.clone() for n, v in learner.stats[self.index].items()},
+            {n: v.clone() for n, v in learner.state.stats[self.index].items()},
         )
 
     def restore(self, snap: object) -> None:
@@ -167,12 +167,12 @@ class LearnerHost:
         learner.space.owners = owners.clone()  # a snapshot may be restored more than once
         learner.model.heads[str(self.index)].load_state_dict(head)
         for n, v in stats.items():
-            learner.stats[self.index][n].copy_(v)
+            learner.state.stats[self.index][n].copy_(v)
 
     def checkpoint(self, state: PruneState) -> None:
         """Commit the learner with the strategy's ``state``; an optimizer still training (the gradual strategy's
         epochs) is saved with it, so a resumed run takes the same steps as an uninterrupted one."""
-        self.learner.cursor["prune"] = state.to_dict()
+        self.learner.state.cursor["prune"] = state.to_dict()
         self.learner.save(optimizer=self.runner.optimizer is not None)
 
     def log(self, event: PruneStep) -> None:

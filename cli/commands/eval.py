@@ -82,8 +82,8 @@ def command(
         dataset = getattr(stream[t], split.value)
         if dataset is None or len(dataset) == 0:
             raise DataError(f"task {t} has no {split.value} split", "pick another --split")
-        k = learner.tasks[[r["id"] for r in learner.tasks].index(t)]["index"]
-        matrix = learner.acc_test if split is Split.test else learner.acc_val if split is Split.val else []
+        k = learner.state.tasks[[r["id"] for r in learner.state.tasks].index(t)]["index"]
+        matrix = learner.state.acc_test if split is Split.test else learner.state.acc_val if split is Split.val else []
         learned = matrix[k][k] if k < len(matrix) and k < len(matrix[k]) else None  # the diagonal R[k][k]
         rows.append({"task": t, "name": info["name"], "index": k, "samples": len(dataset),
                      "accuracy": learner.evaluate(t, dataset), "learned": learned})
@@ -91,7 +91,7 @@ def command(
     now = [r["accuracy"] for r in rows]
     result = {"run": str(run), "data": src.to_dict(), "split": split.value, "tasks": rows,
               "acc": sum(now) / len(now)}
-    recorded_matrix = learner.acc_test if split is Split.test else learner.acc_val if split is Split.val else []
+    recorded_matrix = learner.state.acc_test if split is Split.test else learner.state.acc_val if split is Split.val else []
     if task is None and recorded_matrix:
         changes = [r["accuracy"] - r["learned"] for r in rows[:-1] if r["learned"] is not None]
         result["bwt"] = sum(changes) / len(changes) if changes else 0.0
@@ -117,9 +117,9 @@ def command(
                       "-" if change is None else f"{100 * change:+.1f} pts")
     con.print(titled(f"{split.value} accuracy of {run} ({learner.backbone_name}, {learner.config.method}) on "
                      f"{src.describe()}", table))
-    if split is Split.test and task is None and len(learner.acc_test) > 1:
+    if split is Split.test and task is None and len(learner.state.acc_test) > 1:
         con.print()
-        con.print(accuracy_table(learner.acc_test, [(r["task"], printable(r["name"])) for r in rows],
+        con.print(accuracy_table(learner.state.acc_test, [(r["task"], printable(r["name"])) for r in rows],
                                  title="recorded during training (test accuracy %, row = after learning task)"))
     parts = [f"ACC {100 * result['acc']:.1f}%"]
     if "bwt" in result:

@@ -322,7 +322,7 @@ def _fit(learner, stream, src, out: Path, *, progress: Optional[bool], plots: bo
                                 f"{src.describe()} -> {out}"))
         if done:
             con.print(f"resuming: {done} of {len(stream)} tasks already learned", highlight=False)
-        elif learner.backbone.get("weights") and learner.cursor is None:
+        elif learner.backbone.get("weights") and learner.state.cursor is None:
             from anpyc.weights import describe_weights
 
             con.print(describe_weights(learner.backbone["weights"]), highlight=False, markup=False, soft_wrap=True)
