@@ -20,6 +20,9 @@ from .._common import flatten, parse_assignments, read_config_file
 Method = Enum("Method", {name.replace("-", "_"): name for name in METHODS.names()}, type=str)
 
 
+# Each preset's one description is its registered help (anpyc_core/presets.py), shown here and by docstrings alike.
+METHOD_HELP = "Method preset \\[default: anpyc]: " + "; ".join(f"{n}: {METHODS.describe(n)}" for n in METHODS.names())
+
 # The mixed-precision modes (anpyc.precision.AMP), spelled out here so that --help imports no torch.
 Amp = Enum("Amp", {name: name for name in ("none", "bf16", "fp16")}, type=str)
 
@@ -109,7 +112,7 @@ def command(
                                                 ".csv/.json manifest.")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", "-c", exists=True, dir_okay=False,
                                                         help=CONFIG_HELP)] = None,
-    method: Annotated[Optional[Method], typer.Option("--method", help="Method preset \\[default: anpyc].")] = None,
+    method: Annotated[Optional[Method], typer.Option("--method", help=METHOD_HELP)] = None,
     tasks: Annotated[Optional[int], typer.Option("--tasks", help="Learn only the first N tasks of the stream.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs per task (optim.epochs).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", help="Image side in pixels (image streams).")] = None,
