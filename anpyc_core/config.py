@@ -24,6 +24,11 @@ __all__ = [
     "OptimConfig",
     "ImportanceConfig",
     "PruneConfig",
+    "PlanConfig",
+    "GradualConfig",
+    "LadderConfig",
+    "StepsConfig",
+    "canonical_key",
     "ConsolidationConfig",
     "GrowConfig",
     "LearnerConfig",
@@ -95,78 +100,149 @@ class ImportanceConfig:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
-    """How a task's claim shrinks to what it keeps (docs/method.md, section 4).
+class PlanConfig:
+    """Capacity planning (``anpyc.pruning.plan``): how much of every group a task may keep."""
 
-    ``mode``: the registered strategy (``anpyc.pruning.PRUNING``; each one's help says what it does): ``gradual``
-    (the default: pruning inside the task's epochs, then a guarded release), ``search``, ``guarded`` (release
-    ``step`` of the claim while validation accuracy stays within ``tolerance``, rolling back and halving the step
-    when it does not), ``schedule`` (the original fixed schedule: ``first_ratio`` for the first task, times
-    ``decay`` for each next, in ``step`` increments) and ``none``.
-    ``granularity``: ``unit`` (structured: channels, neurons, heads) or ``element`` (unstructured, paper mode).
-    ``geometric`` (guarded mode): each step releases ``step`` of what the task still keeps instead of ``step`` of its
-    original claim, so keep-fractions of a few percent (cheap with element masks) are reached in a few steps
-    (step 0.5: 50%, 25%, 12.5%, ... kept) and each rollback halves a step that is already small.
-    """
-
-    mode: str = "gradual"
-    granularity: str = "unit"
-    tolerance: float = 0.02
-    step: float = 0.2
-    min_step: float = 0.05
-    max_ratio: float = 0.95
-    geometric: bool = False
-    first_ratio: float = 0.5
-    decay: float = 0.8
-    retrain_epochs: int = 2
-    prune_final: bool = True
-    min_units_per_group: int = 1
-    # the guard (search mode; anpyc.pruning.guard): paired per-sample comparison with the unpruned model
-    guard: str = "paired"
-    confidence: float = 1.0  # z: standard errors the drop must stay below the tolerance by
-    # the evidence for a release made without retraining (the gradual strategy's release below the budget): a
-    # validation set smaller than this is topped up to it with training samples (a fixed random subset); 0 = the
-    # validation set alone. On permuted MNIST-5k (500 validation images) training samples added on top of them
-    # released units the test set missed (ACC 94.3 against 94.8, seed 0): they are evidence only where validation
-    # has too little to decide with
-    guard_samples: int = 500
-    # gradual pruning (anpyc.pruning.gradual): dense epochs, then a cubic ramp to the budget inside the epochs
-    warmup: float = 0.3  # share of optim.epochs trained on the whole claim
-    ramp: float = 0.4  # share of optim.epochs over which the keep fraction falls to the budget
-    # the cheap search (anpyc.pruning.search)
-    search_tolerance: float = 0.05  # drop the no-retrain ranking accepts (retraining recovers part of it)
-    search_ratio: float = 0.7  # keep fraction of each rung of the ladder relative to the one above
-    min_keep: float = 0.02  # the ladder's lowest rung (share of the claim)
-    max_tries: int = 3  # retrains before the budget is taken as it is
-    calibration_batches: int = 8  # training batches that re-estimate BatchNorm statistics of a candidate
-    # capacity planning (anpyc.pruning.plan)
     expected_tasks: int = 0  # stream length, this run's tasks included; 0 = unknown (rolling horizon)
     horizon: int = 8  # without expected_tasks: each task may keep 1/horizon of the free units of every group
     reserve: float = 0.0  # share of every group kept out of the plan
     group_slack: float = 2.0  # a group may hold this many times its share of the task's budget
 
     def __post_init__(self) -> None:
-        _range("prune.confidence", self.confidence, low=0)
-        _range("prune.guard_samples", self.guard_samples, low=0)
-        _range("prune.warmup", self.warmup, low=0, high=1)
-        _range("prune.ramp", self.ramp, low=0, high=1)
-        _range("prune.search_tolerance", self.search_tolerance, low=0, high=1)
-        _range("prune.search_ratio", self.search_ratio, low=0, high=1, low_open=True, high_open=True)
-        _range("prune.min_keep", self.min_keep, low=0, high=1, low_open=True)
-        _range("prune.max_tries", self.max_tries, low=1)
-        _range("prune.calibration_batches", self.calibration_batches, low=0)
-        _range("prune.expected_tasks", self.expected_tasks, low=0)
-        _range("prune.horizon", self.horizon, low=1)
-        _range("prune.reserve", self.reserve, low=0, high=1, high_open=True)
-        _range("prune.group_slack", self.group_slack, low=1)
+        _range("prune.plan.expected_tasks", self.expected_tasks, low=0)
+        _range("prune.plan.horizon", self.horizon, low=1)
+        _range("prune.plan.reserve", self.reserve, low=0, high=1, high_open=True)
+        _range("prune.plan.group_slack", self.group_slack, low=1)
+
+
+@dataclass(frozen=True)
+class GradualConfig:
+    """The gradual strategy (``anpyc.pruning.gradual``): dense epochs, then a cubic ramp to the budget."""
+
+    warmup: float = 0.3  # share of optim.epochs trained on the whole claim
+    ramp: float = 0.4  # share of optim.epochs over which the keep fraction falls to the budget
+    # the evidence for a release made without retraining (the release below the budget): a validation set smaller
+    # than this is topped up to it with training samples (a fixed random subset); 0 = the validation set alone.
+    # Training samples are evidence only where validation has too little to decide with (BENCHMARKS.md)
+    guard_samples: int = 500
+
+    def __post_init__(self) -> None:
+        _range("prune.gradual.warmup", self.warmup, low=0, high=1)
+        _range("prune.gradual.ramp", self.ramp, low=0, high=1)
+        _range("prune.gradual.guard_samples", self.guard_samples, low=0)
+
+
+@dataclass(frozen=True)
+class LadderConfig:
+    """The ladder of keep fractions below the budget (the gradual strategy's release without retraining, and the
+    search strategy's candidates, ``anpyc.pruning.search``)."""
+
+    ratio: float = 0.7  # keep fraction of each rung relative to the one above
+    min_keep: float = 0.02  # the lowest rung (share of the claim)
+    tolerance: float = 0.05  # drop the search's no-retrain ranking accepts (retraining recovers part of it)
+    max_tries: int = 3  # the search's retrains before the budget is taken as it is
+
+    def __post_init__(self) -> None:
+        _range("prune.ladder.ratio", self.ratio, low=0, high=1, low_open=True, high_open=True)
+        _range("prune.ladder.min_keep", self.min_keep, low=0, high=1, low_open=True)
+        _range("prune.ladder.tolerance", self.tolerance, low=0, high=1)
+        _range("prune.ladder.max_tries", self.max_tries, low=1)
+
+
+@dataclass(frozen=True)
+class StepsConfig:
+    """Pruning in steps with retraining after each (the ``guarded`` and ``schedule`` strategies).
+
+    ``guarded``: each step releases ``step`` of the claim (``geometric``: of what the task still keeps, so
+    keep-fractions of a few percent are reached in a few steps) while validation accuracy stays within the
+    tolerance; a step that breaks it is rolled back and halved, down to ``min_step``, up to ``max_ratio`` of the
+    claim. ``schedule``: the original fixed schedule, ``first_ratio`` for the first task, times ``decay`` for each
+    next, in ``step`` increments."""
+
+    step: float = 0.2
+    min_step: float = 0.05
+    max_ratio: float = 0.95
+    geometric: bool = False
+    first_ratio: float = 0.5
+    decay: float = 0.8
+
+    def __post_init__(self) -> None:
+        _range("prune.steps.step", self.step, low=0, high=1, low_open=True)
+        _range("prune.steps.min_step", self.min_step, low=0, high=1, low_open=True)
+        _range("prune.steps.max_ratio", self.max_ratio, low=0, high=1)
+        _range("prune.steps.first_ratio", self.first_ratio, low=0, high=1)
+        _range("prune.steps.decay", self.decay, low=0, low_open=True)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How a task's claim shrinks to what it keeps (docs/method.md, section 4).
+
+    ``mode``: the registered strategy (``anpyc.pruning.PRUNING``; each one's help says what it does): ``gradual``
+    (the default: pruning inside the task's epochs, then a guarded release), ``search``, ``guarded``, ``schedule``
+    and ``none``. ``granularity``: ``unit`` (structured: channels, neurons, heads) or ``element`` (unstructured,
+    paper mode). What every strategy judges with is here; what one strategy (or two) reads is nested under it:
+    ``plan`` (capacity planning), ``gradual``, ``ladder`` (rungs below the budget), ``steps`` (guarded, schedule).
+    """
+
+    mode: str = "gradual"
+    granularity: str = "unit"
+    tolerance: float = 0.02  # the accuracy drop a release may cost (the guard's tolerance)
+    guard: str = "paired"  # the guard's rule (anpyc.pruning.guard): per-sample comparison with the unpruned model
+    confidence: float = 1.0  # z: standard errors the drop must stay below the tolerance by
+    retrain_epochs: int = 2  # retraining after a release (guarded, schedule, search)
+    prune_final: bool = True
+    min_units_per_group: int = 1
+    calibration_batches: int = 8  # training batches that re-estimate BatchNorm statistics of a candidate
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    gradual: GradualConfig = field(default_factory=GradualConfig)
+    ladder: LadderConfig = field(default_factory=LadderConfig)
+    steps: StepsConfig = field(default_factory=StepsConfig)
+
+    def __post_init__(self) -> None:
         _range("prune.tolerance", self.tolerance, low=0, high=1)
-        _range("prune.step", self.step, low=0, high=1, low_open=True)
-        _range("prune.min_step", self.min_step, low=0, high=1, low_open=True)
-        _range("prune.max_ratio", self.max_ratio, low=0, high=1)
-        _range("prune.first_ratio", self.first_ratio, low=0, high=1)
-        _range("prune.decay", self.decay, low=0, low_open=True)
+        _range("prune.confidence", self.confidence, low=0)
         _range("prune.retrain_epochs", self.retrain_epochs, low=0)
         _range("prune.min_units_per_group", self.min_units_per_group, low=1)
+        _range("prune.calibration_batches", self.calibration_batches, low=0)
+
+
+# Keys of PruneConfig before it was nested (config files, --set, run.json of older runs): still accepted, moved to
+# where they live now.
+LEGACY_PRUNE_KEYS = {
+    "expected_tasks": "plan", "horizon": "plan", "reserve": "plan", "group_slack": "plan",
+    "warmup": "gradual", "ramp": "gradual", "guard_samples": "gradual",
+    "search_ratio": ("ladder", "ratio"), "min_keep": "ladder", "search_tolerance": ("ladder", "tolerance"),
+    "max_tries": "ladder",
+    "step": "steps", "min_step": "steps", "max_ratio": "steps", "geometric": "steps", "first_ratio": "steps",
+    "decay": "steps",
+}
+
+
+def _nest_prune(data: dict[str, Any]) -> dict[str, Any]:
+    """A ``prune`` table with its flat keys of older versions moved under their section (the flat value wins)."""
+    if not any(k in LEGACY_PRUNE_KEYS for k in data):
+        return data
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items() if k not in LEGACY_PRUNE_KEYS}
+    for key, where in LEGACY_PRUNE_KEYS.items():
+        if key in data:
+            section, name = where if isinstance(where, tuple) else (where, key)
+            table = out.setdefault(section, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"config key 'prune.{section}' must be a table/mapping",
+                                  f"give the fields of prune.{section}")
+            table[name] = data[key]
+    return out
+
+
+def canonical_key(key: str) -> str:
+    """A dotted config key as it is spelled now (``prune.step`` -> ``prune.steps.step``)."""
+    head, _, name = key.partition(".")
+    where = LEGACY_PRUNE_KEYS.get(name) if head == "prune" else None
+    if where is None:
+        return key
+    section, field_name = where if isinstance(where, tuple) else (where, name)
+    return f"prune.{section}.{field_name}"
 
 
 @dataclass(frozen=True)
@@ -317,6 +393,8 @@ def from_dict(cls: type, data: dict[str, Any], *, _prefix: str = "") -> Any:
     """Build config dataclass ``cls`` from ``data``; unknown keys and wrong types are errors that name the key."""
     if not isinstance(data, dict):
         raise ConfigError(f"config {_prefix or cls.__name__} must be a mapping", "check the file's structure")
+    if cls is PruneConfig:
+        data = _nest_prune(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted((k for k in data if k not in names), key=repr)  # YAML keys may be numbers, null, ...
@@ -332,7 +410,7 @@ def override(cfg: Any, changes: dict[str, Any]) -> Any:
     nested: dict[str, Any] = {}
     for key, value in changes.items():
         node = nested
-        parts = key.split(".")
+        parts = canonical_key(key).split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
         node[parts[-1]] = value

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ConsolidationConfig, GrowConfig, ImportanceConfig, LearnerConfig, OptimConfig, PruneConfig
+from .config import (ConsolidationConfig, GrowConfig, ImportanceConfig, LearnerConfig, OptimConfig, PruneConfig,
+                     StepsConfig)
 from .registry import Registry
 
 __all__ = ["METHODS", "NO_GROWTH", "PAPER_STRENGTH", "BACKBONE_DEFAULTS"]
@@ -47,8 +48,8 @@ def _anpyc_element() -> LearnerConfig:
     # on permuted MNIST-5k at 50 tasks (benchmarks/forgetting.py --search --suites permuted50; BENCHMARKS.md). On
     # 10 tasks, keeping more per task (tolerance 0.01, linear steps) wins instead: a short stream needs no room.
     return LearnerConfig(method="anpyc-element", grow=NO_GROWTH, consolidation=ConsolidationConfig(rule="hard"),
-                         prune=PruneConfig(mode="guarded", granularity="element", tolerance=0.02, max_ratio=0.99,
-                                           retrain_epochs=4, geometric=True, step=0.5))
+                         prune=PruneConfig(mode="guarded", granularity="element", tolerance=0.02, retrain_epochs=4,
+                                           steps=StepsConfig(max_ratio=0.99, geometric=True, step=0.5)))
 
 
 @METHODS.register("anpyc-soft", help="ANPyC with soft consolidation: quadratic penalty plus importance-gated updates")
@@ -76,8 +77,8 @@ def _paper() -> LearnerConfig:
         grow=NO_GROWTH,
         optim=OptimConfig(name="sgd", lr=0.02, momentum=0.0, batch_size=256, epochs=30, dropout=0.0),
         importance=ImportanceConfig(measure="entropy_taylor", max_batches=0, batch_size=256, accumulate="sum"),
-        prune=PruneConfig(mode="schedule", granularity="element", step=0.1, first_ratio=0.5, decay=0.8,
-                          retrain_epochs=30, prune_final=False),
+        prune=PruneConfig(mode="schedule", granularity="element", retrain_epochs=30, prune_final=False,
+                          steps=StepsConfig(step=0.1, first_ratio=0.5, decay=0.8)),
         consolidation=ConsolidationConfig(rule="quadratic", strength=PAPER_STRENGTH),
         reinit_free=False,
         inference="shared",  # the original evaluates every task on the whole current network (no per-task masks)
@@ -130,8 +131,8 @@ def _packnet() -> LearnerConfig:
         method="packnet",
         grow=NO_GROWTH,
         importance=ImportanceConfig(measure="magnitude"),
-        prune=PruneConfig(mode="schedule", granularity="element", first_ratio=0.9, decay=1.0, step=0.5,
-                          retrain_epochs=1),
+        prune=PruneConfig(mode="schedule", granularity="element", retrain_epochs=1,
+                          steps=StepsConfig(first_ratio=0.9, decay=1.0, step=0.5)),
         consolidation=ConsolidationConfig(rule="hard"),
         reinit_free=False,
     )

@@ -156,7 +156,7 @@ def _config(steps: int, batch: int, threads: int | None):
     overrides: dict[str, Any] = {
         "optim.epochs": 1, "optim.batch_size": batch, "optim.lr": 0.01,
         "importance.max_batches": 1, "importance.batch_size": batch,
-        "prune.mode": "schedule", "prune.first_ratio": 0.5, "prune.step": 0.5, "prune.decay": 1.0,
+        "prune.mode": "schedule", "prune.steps.first_ratio": 0.5, "prune.steps.step": 0.5, "prune.steps.decay": 1.0,
         "prune.retrain_epochs": 1, "eval_batch_size": 32, "checkpoint_epochs": False,
     }
     if threads:

@@ -24,8 +24,8 @@ QUICKSTART_IMG_SIZE = 32
 QUICKSTART_CONFIG: dict[str, Any] = {
     "optim.epochs": 8,
     "optim.batch_size": 32,
-    "prune.step": 0.2,
-    "prune.min_step": 0.05,
+    "prune.steps.step": 0.2,
+    "prune.steps.min_step": 0.05,
     "prune.retrain_epochs": 2,
     # val sets hold ~72 images per task: 0.05 allows 3 of them to flip, so noise alone does not veto every step
     "prune.tolerance": 0.05,

@@ -49,7 +49,7 @@ NOTES: dict[str, str] = {
                     "validation images of a task alone could not justify any release below the budget (the paired "
                     "guard cannot show a drop below 1/72): ACC 99.3 but 44% of the parameters per task (3 seeds). "
                     "Training samples now top the evidence for a release without retraining up to 500 "
-                    "(prune.guard_samples), which gives the row below."
+                    "(prune.gradual.guard_samples), which gives the row below."
                     + BN_NOTE,
 }
 

@@ -193,7 +193,7 @@ def test_benchmark_rows_restate_no_preset_setting():
     """The presets are the one source of every method's settings: a benchmark row overrides only what its own
     suite's validation search chose differently (a row that restates a preset's value would silently keep the old
     value when the preset changes)."""
-    from anpyc.config import to_dict
+    from anpyc.config import canonical_key, to_dict
     from anpyc.configure import method_config
 
     def flat(d: dict, prefix: str = "") -> dict:
@@ -207,6 +207,7 @@ def test_benchmark_rows_restate_no_preset_setting():
     for suite in suites.SUITES.values():
         for name, row in suite.methods.items():
             preset = flat(to_dict(method_config(row.preset)))
-            restated += [f"{suite.name}/{name}: {k}={v}" for k, v in row.overrides.items() if preset.get(k) == v]
+            restated += [f"{suite.name}/{name}: {k}={v}" for k, v in row.overrides.items()
+                         if preset.get(canonical_key(k)) == v]
     assert not restated, restated
     assert suites.SUITES["split-digits"].methods["si"].overrides == {"optim.lr": 0.01}

@@ -44,7 +44,8 @@ def test_config_files_are_checked_too(key):
 
 @pytest.mark.parametrize("key, value, span", [
     ("optim.lr", 0.0, "> 0"), ("optim.momentum", 1.0, "[0, 1)"), ("optim.batch_size", 0, ">= 1"),
-    ("optim.dropout", 1.0, "[0, 1)"), ("prune.step", 0.0, "(0, 1]"), ("prune.max_ratio", 1.5, "[0, 1]"),
+    ("optim.dropout", 1.0, "[0, 1)"), ("prune.steps.step", 0.0, "(0, 1]"),
+    ("prune.steps.max_ratio", 1.5, "[0, 1]"),
     ("prune.tolerance", -0.1, "[0, 1]"), ("prune.min_units_per_group", 0, ">= 1"),
     ("consolidation.strength", -1.0, ">= 0"), ("eval_batch_size", 0, ">= 1"), ("importance.batch_size", 0, ">= 1"),
 ])
@@ -99,3 +100,18 @@ def test_cli_reports_an_unknown_optimizer(tmp_path):
     line = user_error(r, "optim.name", "adamx", "adam, adamw, sgd")
     assert line == "error: config key 'optim.name' has unknown value 'adamx' (choose one of: adam, adamw, sgd)"
     assert not (tmp_path / "run").exists()
+
+
+def test_flat_prune_keys_of_older_versions_still_read():
+    """Before the prune table was nested, its keys were flat (prune.step, prune.expected_tasks, ...): config files,
+    --set and the run.json of older runs keep working, and the value given wins over the section's."""
+    cfg = method_config("packnet", **{"prune.first_ratio": 0.7, "prune.expected_tasks": 5, "prune.search_ratio": 0.5})
+    assert (cfg.prune.steps.first_ratio, cfg.prune.plan.expected_tasks, cfg.prune.ladder.ratio) == (0.7, 5, 0.5)
+    doc = to_dict(method_config("anpyc"))
+    doc["prune"].update(step=0.3, warmup=0.5)
+    old = load_config(doc)
+    assert old.prune.steps.step == 0.3 and old.prune.gradual.warmup == 0.5
+    with pytest.raises(ConfigError) as e:
+        method_config("anpyc", **{"prune.warmup": 2.0})
+    assert e.value.one_line == ("config key 'prune.gradual.warmup' is 2.0, outside its valid range [0, 1] "
+                                "(set prune.gradual.warmup within it)")

@@ -152,7 +152,8 @@ def test_evidence_tops_up_a_small_validation_set_with_training_samples(learned, 
 
     learner, task = learned
     cfg = learner.config
-    learner.config = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, guard_samples=samples))
+    learner.config = dataclasses.replace(cfg, prune=dataclasses.replace(
+        cfg.prune, gradual=dataclasses.replace(cfg.prune.gradual, guard_samples=samples)))
     try:
         host = LearnerHost(learner, task, 0)
         evidence = host.evidence_correct()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anpyc.config import PruneConfig
+from anpyc.config import PruneConfig, StepsConfig
 from anpyc.pruning import PRUNING
 
 
@@ -54,8 +54,8 @@ class _Host:
 def _run(**cfg):
     host = _Host()
     strategy = PRUNING.get("guarded")
-    state = strategy.run(host, host, PruneConfig(tolerance=0.02, max_ratio=0.99, min_step=0.05, **cfg),
-                         strategy.start(host, 0.9), task_index=0)
+    steps = StepsConfig(max_ratio=0.99, min_step=0.05, **cfg)
+    state = strategy.run(host, host, PruneConfig(tolerance=0.02, steps=steps), strategy.start(host, 0.9), task_index=0)
     return host, state
 
 

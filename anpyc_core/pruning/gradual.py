@@ -2,8 +2,8 @@
 
 A structured subnetwork recovers from pruning by training as the small network it becomes, and retraining after
 the task's training is what made pruning cost several times the training. Here the task trains on its whole claim
-for the first ``prune.warmup`` of its epochs, then its keep fraction falls along a cubic ramp (Zhu & Gupta's
-gradual schedule) to its capacity budget (:mod:`~anpyc.pruning.plan`) over the next ``prune.ramp`` of them, one
+for the first ``prune.gradual.warmup`` of its epochs, then its keep fraction falls along a cubic ramp (Zhu & Gupta's
+gradual schedule) to its capacity budget (:mod:`~anpyc.pruning.plan`) over the next ``prune.gradual.ramp`` of them, one
 importance pass and release at the start of each ramp epoch, and it trains the rest at its budget: the prune phase
 costs a few importance passes and no extra epochs.
 
@@ -14,10 +14,10 @@ The guard (:mod:`~anpyc.pruning.guard`) then decides sample by sample:
   is logged (``within_budget``);
 * **below the budget**: units beyond what the task needs go back to the free pool when releasing them costs no
   measurable accuracy as they are (no retraining): the smallest keep of a ladder under the budget
-  (``prune.search_ratio`` per rung, down to ``prune.min_keep``) whose drop against the trained model the guard
+  (``prune.ladder.ratio`` per rung, down to ``prune.ladder.min_keep``) whose drop against the trained model the guard
   accepts at ``prune.tolerance``, found by bisection. Nothing is retrained after such a release, so training
   samples count as evidence of what it changed where the validation set is too small to decide: they top it up to
-  ``prune.guard_samples``. On the 72 validation images of a split-digits task alone the paired guard cannot show
+  ``prune.gradual.guard_samples``. On the 72 validation images of a split-digits task alone the paired guard cannot show
   any drop below 1.4%, and would keep the whole budget of every task.
 
 BatchNorm statistics are re-estimated (:meth:`recalibrate`, a few training batches) before every measurement the
@@ -116,14 +116,14 @@ class Gradual(Strategy):
     state_type = GradualState
 
     def dense_epochs(self, cfg: PruneConfig, epochs: int) -> int:
-        """The first ``prune.warmup`` of the epochs train on the whole claim; the rest are this strategy's."""
-        return min(epochs, max(1, int(round(cfg.warmup * epochs))))
+        """The first ``prune.gradual.warmup`` of the epochs train on the whole claim; the rest are this strategy's."""
+        return min(epochs, max(1, int(round(cfg.gradual.warmup * epochs))))
 
     def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: GradualState, *,
             task_index: int) -> GradualState:
         epochs = training.epochs()
         dense = self.dense_epochs(cfg, epochs)
-        steps = max(1, min(epochs - dense, int(round(cfg.ramp * epochs)))) if epochs > dense else 0
+        steps = max(1, min(epochs - dense, int(round(cfg.gradual.ramp * epochs)))) if epochs > dense else 0
         claim = state.claim
         if state.epoch is None:
             cap, total = own.budget()
@@ -170,10 +170,9 @@ class Gradual(Strategy):
         # the validation and training samples
         trained = training.evidence_correct(at_val)  # the network the verdict measured: its validation part is known
         kept = int(own.claim().sum())
-        if kept > 1 and cfg.min_keep * claim < kept:
-            found = _smallest_unused(own, training, cfg, trained,
-                                     ladder(kept / claim * cfg.search_ratio, cfg.min_keep, cfg.search_ratio), claim,
-                                     cap)
+        if kept > 1 and cfg.ladder.min_keep * claim < kept:
+            rungs = ladder(kept / claim * cfg.ladder.ratio, cfg.ladder.min_keep, cfg.ladder.ratio)
+            found = _smallest_unused(own, training, cfg, trained, rungs, claim, cap)
             if found is not None:
                 f, released, v, after = found
                 state.released += released

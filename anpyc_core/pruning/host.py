@@ -110,15 +110,15 @@ class LearnerHost:
         return self.runner.correct(self.index, self._val_set())
 
     def evidence_correct(self, val: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-sample correctness on the validation set, then, where it holds fewer than ``prune.guard_samples``,
-        on enough training samples (a subset fixed per task) to make up the difference: the evidence for a release
-        made without retraining. Such a release has not been fitted to the training samples, so how many of them
-        it gets wrong is evidence of what it changed, and the 72 validation images of a split-digits task alone
+        """Per-sample correctness on the validation set, then, where it holds fewer than
+        ``prune.gradual.guard_samples``, on enough training samples (a subset fixed per task) to make up the
+        difference: the evidence for a release made without retraining. Such a release has not been fitted to the
+        training samples, so how many of them it gets wrong is evidence of what it changed, and the 72 validation images of a split-digits task alone
         cannot show any drop below 1.4% (:mod:`~anpyc.pruning.guard`). They fit the trained model with a wider
         margin than unseen samples do, so validation comes first. ``val``: the validation part, where the caller
         has just measured this network on it."""
         correct = self.val_correct() if val is None else val
-        n = min(self.learner.config.prune.guard_samples - len(correct), len(self.task.train))
+        n = min(self.learner.config.prune.gradual.guard_samples - len(correct), len(self.task.train))
         if n <= 0 or self._val_set() is self.task.train:  # no validation set: the training set already is the evidence
             return correct
         if self._evidence is None:

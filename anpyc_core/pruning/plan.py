@@ -4,12 +4,12 @@ A task claims every free unit when it starts; what it keeps after pruning is tak
 gives each group its own budget, so no task can empty a group that later tasks need to adapt an early feature with
 (a task that keeps every unit of the first layers and releases only the last ones leaves nothing to learn with):
 
-* with the stream length stated (``prune.expected_tasks`` = T), task ``k`` may keep ``1 / (T - k)`` of the units it
+* with the stream length stated (``prune.plan.expected_tasks`` = T), task ``k`` may keep ``1 / (T - k)`` of the units it
   claimed in each group: the free units are shared evenly among the tasks still to come, and the last planned task
   may keep all of them;
-* without it (or past it), ``1 / prune.horizon`` of them: a rolling horizon that leaves ``(1 - 1/H)^k`` of every
+* without it (or past it), ``1 / prune.plan.horizon`` of them: a rolling horizon that leaves ``(1 - 1/H)^k`` of every
   group free after ``k`` tasks;
-* ``prune.reserve`` of every group's units is held back from the plan entirely (for tasks nobody planned for);
+* ``prune.plan.reserve`` of every group's units is held back from the plan entirely (for tasks nobody planned for);
 * where growth is enabled (:mod:`anpyc.growth`), a task may keep up to ``grow.min_free`` of every group's base
   width whatever the shares above say: growth keeps that much free for it.
 
@@ -35,16 +35,17 @@ def _per_group(mask: torch.Tensor, groups: torch.Tensor, num_groups: int) -> tor
 def group_budget(owners: torch.Tensor, groups: torch.Tensor, num_groups: int, k: int, cfg: PruneConfig,
                  floor: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """What task index ``k`` may keep: per group (``cap``) and in total (``owners``: every unit's owner; ``groups``:
-    its group). The total is the task's share of the free units; a group may hold up to ``prune.group_slack`` times
+    its group). The total is the task's share of the free units; a group may hold up to ``prune.plan.group_slack`` times
     its own share, so the importance ranking can put more of the total where the task needs it (a new first layer
     for a new input permutation, say) without emptying any group."""
+    plan = cfg.plan
     claim = _per_group(owners == k, groups, num_groups)
     size = torch.bincount(groups, minlength=num_groups)
-    available = (claim - torch.floor(cfg.reserve * size).long()).clamp_min(0)
-    remaining = cfg.expected_tasks - k if 0 < cfg.expected_tasks and k < cfg.expected_tasks else cfg.horizon
+    available = (claim - torch.floor(plan.reserve * size).long()).clamp_min(0)
+    remaining = plan.expected_tasks - k if 0 < plan.expected_tasks and k < plan.expected_tasks else plan.horizon
     remaining = max(int(remaining), 1)
     total = int(math.ceil(float(available.sum()) / remaining))
-    cap = torch.ceil(available.double() * cfg.group_slack / remaining).long().minimum(claim)
+    cap = torch.ceil(available.double() * plan.group_slack / remaining).long().minimum(claim)
     if floor is not None:  # growth refills the pool: a task may keep up to ``floor`` units of every group
         low = floor.minimum(available)
         cap = torch.maximum(cap, low)

@@ -5,19 +5,19 @@ capacity budget (:mod:`~anpyc.pruning.plan`). Finding that by pruning in steps a
 ``guarded`` strategy) costs several times the task's training. This strategy spends about one retrain instead:
 
 1. **Rank without retraining.** One importance pass scores the claimed units. For a ladder of keep fractions (the
-   budget, then ``prune.search_ratio`` times smaller each rung, down to ``prune.min_keep``), the units outside the
-   keep set are masked and the model is evaluated on the validation set as it is (BatchNorm statistics
+   budget, then ``prune.ladder.ratio`` times smaller each rung, down to ``prune.ladder.min_keep``), the units
+   outside the keep set are masked and the model is evaluated on the validation set as it is (BatchNorm statistics
    recalibrated on a few training batches first): a forward pass each, no training. The smallest fraction whose
-   drop the guard accepts at ``prune.search_tolerance`` (a looser tolerance: retraining recovers part of it) is the
+   drop the guard accepts at ``prune.ladder.tolerance`` (a looser tolerance: retraining recovers part of it) is the
    first candidate.
 2. **Retrain once, guarded.** The task is pruned to the candidate and retrained for at most
    ``prune.retrain_epochs``, with its kept weights pulled toward their unpruned values by their importance
    (``consolidation.pull``: the confrontation of pruning and consolidation); after every epoch the guard
    (:mod:`~anpyc.pruning.guard`) compares the validation predictions with the unpruned model's, and retraining
    stops as soon as it accepts.
-3. **Back off, at most ``prune.max_tries`` times.** A rejected candidate is rolled back and the next one is half way
-   (in rungs) to the budget. The budget itself is always kept when it is reached (the plan wins over a task that
-   cannot keep its accuracy in its share; growth, when enabled, is where that task gets more).
+3. **Back off, at most ``prune.ladder.max_tries`` times.** A rejected candidate is rolled back and the next one is
+   half way (in rungs) to the budget. The budget itself is always kept when it is reached (the plan wins over a
+   task that cannot keep its accuracy in its share; growth, when enabled, is where that task gets more).
 
 The state dict (in every checkpoint) holds the ladder, the no-retrain drops and the candidate being tried, so an
 interrupted search resumes at the try it was on.
@@ -78,13 +78,13 @@ class Search(Strategy):
 
         if state.ladder is None:
             top = min(1.0, total / claim, float(cap.sum()) / claim)
-            fractions = ladder(top, min(cfg.min_keep, top), cfg.search_ratio)
+            fractions = ladder(top, min(cfg.ladder.min_keep, top), cfg.ladder.ratio)
             drops, choice = [], len(fractions) - 1
             for i, f in enumerate(fractions):  # ascending: the first accepted one is the smallest
                 snap = own.snapshot()
                 own.release(own.claim() & ~_keep(own, scores, f, cap))
                 training.recalibrate()
-                v = verdict(cfg.search_tolerance)
+                v = verdict(cfg.ladder.tolerance)
                 own.restore(snap)
                 drops.append(round(v.drop, 6))
                 if v.accepted:
@@ -95,7 +95,7 @@ class Search(Strategy):
         while not state.done:
             fractions = state.ladder
             last = len(fractions) - 1
-            i = state.choice if state.tries + 1 < cfg.max_tries else last
+            i = state.choice if state.tries + 1 < cfg.ladder.max_tries else last
             snap = own.snapshot()
             released = own.claim() & ~_keep(own, scores, fractions[i], cap)
             own.release(released)

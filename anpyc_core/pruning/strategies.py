@@ -56,15 +56,16 @@ class Guarded(Strategy):
     def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: GuardedState, *,
             task_index: int) -> GuardedState:
         if state.step_size is None:
-            state.step_size = cfg.step
+            state.step_size = cfg.steps.step
         while not state.done:
             claim = state.claim
-            if claim == 0 or state.step_size < cfg.min_step - 1e-12 or state.released >= cfg.max_ratio * claim:
+            steps = cfg.steps
+            if claim == 0 or state.step_size < steps.min_step - 1e-12 or state.released >= steps.max_ratio * claim:
                 state.done = True
                 break
-            base = claim - state.released if cfg.geometric else claim  # what the step is a fraction of
+            base = claim - state.released if cfg.steps.geometric else claim  # what the step is a fraction of
             want = max(1, int(round(state.step_size * base)))
-            want = min(want, int(cfg.max_ratio * claim) - state.released) if cfg.max_ratio < 1 else want
+            want = min(want, int(cfg.steps.max_ratio * claim) - state.released) if cfg.steps.max_ratio < 1 else want
             units = select_release(own, max(want, 0))
             if units.numel() == 0:
                 state.done = True
@@ -93,9 +94,9 @@ class Schedule(Strategy):
 
     def run(self, own: Ownership, training: Training, cfg: PruneConfig, state: PruneState, *,
             task_index: int) -> PruneState:
-        target = cfg.first_ratio * (cfg.decay ** task_index)
+        target = cfg.steps.first_ratio * (cfg.steps.decay ** task_index)
         while not state.done:
-            ratio = min(target, (state.taken + 1) * cfg.step)
+            ratio = min(target, (state.taken + 1) * cfg.steps.step)
             want = int(round(ratio * state.claim)) - state.released
             if ratio <= 0 or state.claim == 0:
                 state.done = True
