@@ -211,3 +211,24 @@ def test_benchmark_rows_restate_no_preset_setting():
                          if preset.get(canonical_key(k)) == v]
     assert not restated, restated
     assert suites.SUITES["split-digits"].methods["si"].overrides == {"optim.lr": 0.01}
+
+
+def test_pretrained_start_quick(tmp_path):
+    """The pretrained-start benchmark pretrains a backbone itself (its classifier dropped), runs each row from the
+    random init and from those weights side by side, and writes the section with its targets line."""
+    from safetensors.torch import load_file
+
+    pretrained = _load("pretrained")
+    out, weights = tmp_path / "BENCHMARKS.md", tmp_path / "weights"
+    assert pretrained.main(["--quick", "--seeds", "0", "--pairs", "mnist-to-digits", "--methods", "anpyc,packnet",
+                            "--out", str(out), "--results", str(tmp_path / "results"),
+                            "--weights-dir", str(weights)]) == 0
+    (file,) = weights.glob("mnist5k-rotated-test_resnet-s0-*.safetensors")
+    state = load_file(file)
+    assert "conv1.0.weight" in state and not any(k.startswith("fc.") for k in state)
+    rows = {(r[0], r[1]): r for r in (line.strip("|").split("|") for line in out.read_text().splitlines()
+                                      if line.startswith("| anpyc |") or line.startswith("| packnet |"))}
+    assert {(m.strip(), s.strip()) for m, s in ((k[0], k[1]) for k in rows)} == {
+        ("anpyc", "random"), ("anpyc", "pretrained"), ("packnet", "random"), ("packnet", "pretrained")}
+    assert all(_num(r[3].strip()) == 0.0 for r in rows.values())  # BWT of the hard-freeze rows
+    assert "BWT of every hard-freeze run (anpyc, PackNet, both starts): exactly 0." in out.read_text()
