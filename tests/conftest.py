@@ -125,3 +125,37 @@ def png_bytes(w: int = 40, h: int = 30, seed: int = 0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr, "RGB").save(buf, format="PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ a small run
+# A two-task run of a tiny CNN on 16 x 16 synthetic images and its export, trained once per test module that asks
+# (the bad-input and hardening suites damage copies of it)
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from test_bad_inputs import FAST, SYNTH, invoke
+
+    run = tmp_path_factory.mktemp("bad") / "run"
+    r = invoke("train", "--model", "cnn", "--model-opt", "width=4", *SYNTH, "--tasks", "2", "--out", run, *FAST)
+    assert r.exit_code == 0, r.output
+    return run
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(run_dir, dst)
+    (dst / "run.lock").unlink(missing_ok=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def export_dir(run_dir, tmp_path_factory):
+    from test_bad_inputs import invoke
+
+    out = tmp_path_factory.mktemp("exp") / "export"
+    r = invoke("export", run_dir, "--out", out)
+    assert r.exit_code == 0, r.output
+    return out

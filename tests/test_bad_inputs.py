@@ -70,28 +70,6 @@ def api_error(exc: AnpycError, *needles: str) -> None:
         assert n.lower() in line.lower(), line
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("bad") / "run"
-    r = invoke("train", "--model", "cnn", "--model-opt", "width=4", *SYNTH, "--tasks", "2", "--out", run, *FAST)
-    assert r.exit_code == 0, r.output
-    return run
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    (dst / "run.lock").unlink(missing_ok=True)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def export_dir(run_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("exp") / "export"
-    r = invoke("export", run_dir, "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def _state(run: Path) -> Path:

@@ -33,7 +33,7 @@ from anpyc.export.errors import ExportDirError, ImageReadError
 from anpyc.export.limits import Limits
 from anpyc.export.runtime import load_export
 
-from test_bad_inputs import FAST, SYNTH, _state, api_error, intact, invoke, snapshot, user_error
+from test_bad_inputs import FAST, _state, api_error, intact, invoke, snapshot, user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1024 ** 3
@@ -84,29 +84,6 @@ def run_measured(*args: str) -> tuple[int, float, str, str]:
         return p.returncode, int(rss.read_text()) / 1024, p.stdout.decode(), p.stderr.decode()
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    """A two-task run of a tiny CNN on 16 x 16 synthetic images (as test_bad_inputs trains it)."""
-    run = tmp_path_factory.mktemp("hardening") / "run"
-    r = invoke("train", "--model", "cnn", "--model-opt", "width=4", *SYNTH, "--tasks", "2", "--out", run, *FAST)
-    assert r.exit_code == 0, r.output
-    return run
-
-
-@pytest.fixture
-def run_copy(run_dir, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(run_dir, dst)
-    (dst / "run.lock").unlink(missing_ok=True)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def export_dir(run_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hardening-exp") / "export"
-    r = invoke("export", run_dir, "--out", out)
-    assert r.exit_code == 0, r.output
-    return out
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
