@@ -154,9 +154,9 @@ def write_generation(d: Path, state: RunState, *, trunk: nn.Module, model: Maske
                      schema={"events": [e.to_dict() for e in state.growth],
                              "what": "new entries of every tensor each widening added, '<event>/<tensor>'"})
     save_tensors(d / "probes.safetensors", state.probes.tensors(), fmt=PROBES_FORMAT, version=1,
-                 schema={"tasks": by_index,
-                         "what": "inputs: the probe batch; outputs/<task index>: the task's outputs when it ended "
-                                 "(anpyc.invariant checks every later state against them)"})
+                 schema={"tasks": by_index, **state.probes.schema(),
+                         "what": "inputs: the probe batch; outputs/<task index>: the task's outputs when it ended; "
+                                 "digest: of every finished task's weights (anpyc.invariant checks later states)"})
     if optimizer is not None:
         flat, meta = flatten_optimizer(optimizer)
         save_tensors(d / "optimizer.safetensors", flat, fmt="anpyc.optimizer", version=1, schema=meta)
@@ -217,8 +217,9 @@ def read_generation(d: Path, base: RunState, *, trunk: nn.Module, model: MaskedM
     cons, _ = load_tensors(d / "consolidation.safetensors", fmt="anpyc.consolidation")
     probes = base.probes
     if (d / "probes.safetensors").exists():  # runs written before the run-time check have none
-        saved, _ = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
-        probes = Probes.from_tensors(saved, tuple(input_spec.shape), str(d / "probes.safetensors"))
+        saved, meta = load_tensors(d / "probes.safetensors", fmt=PROBES_FORMAT)
+        probes = Probes.from_tensors(saved, tuple(input_spec.shape), str(d / "probes.safetensors"),
+                                     meta.get("schema"))
     optimizer = None
     if (d / "optimizer.safetensors").exists():
         flat, meta = load_tensors(d / "optimizer.safetensors", fmt="anpyc.optimizer")
