@@ -276,3 +276,24 @@ def test_a_task_is_measured_with_statistics_of_its_final_weights(tmp_path):
     learner.learn(stream[0], final=True)
     a0 = next(e["val_acc"] for e in events if e["event"] == "eval" and e.get("phase") == "train_end")
     assert a0 >= 0.75 and learner.state.acc_val[0][0] == a0, (a0, learner.state.acc_val)
+
+
+def test_the_digest_sees_one_ulp_on_a_frozen_weight():
+    """One frozen entry moved by the smallest float step changes no output the probe could show (not even the sliced
+    model's, here); the digest of the finished tasks' weights sees it."""
+    stream = _stream("mlp", 2)
+    learner = anpyc.ContinualLearner("mlp", input_spec=stream.input_spec, model_kwargs={"hidden": [16, 16]},
+                                     config=anpyc.method_config("anpyc", **GROW))
+    learner.learn(stream[0])
+    learner.learn(stream[1], final=True)
+    assert learner.state.probes.digest_index == 1
+    assert learner._check_earlier("a test") == {0: 0.0, 1: 0.0}
+    owned = learner.space.tensor_masks(learner.space.active(0))
+    name, p = next((n, p) for n, p in learner.trunk.named_parameters() if n in owned)
+    where = tuple(int(i) for i in owned[name].expand(p.shape).nonzero()[0])
+    with torch.no_grad():
+        p[where] = torch.nextafter(p[where], torch.tensor(float("inf")))
+    with pytest.raises(InvariantViolation) as e:
+        learner._check_earlier("a test")
+    assert e.value.one_line.startswith("the weights, heads or statistics of tasks 0..1 changed during a test, under "
+                                       "a method that freezes them; the run stopped before saving")
