@@ -163,8 +163,10 @@ def render(doc: dict, command: str) -> str:
              "Each backbone is pretrained by the benchmark itself (seed = the run's seed) as a 10-class classifier on "
              "one bundled source: " + ", ".join(f"{k}: {v}" for k, v in PRETRAIN.items()) + ", its classifier "
              "dropped; the stream is then learned from it with `weights=FILE` (`--weights FILE` on the CLI). Method "
-             "settings and budgets are the forgetting benchmark's rows of the same stream. Every row of a pair was "
-             "run side by side in one run: wall times compare within a pair only."]
+             "settings and budgets are the forgetting benchmark's rows of the same stream. Rows run seed by seed, "
+             "every row of a seed side by side; a resumed run (`--cache`) takes finished runs from its cache, so wall "
+             "times may come from different sittings of a shared machine: they are rough, the accuracies are exact "
+             "(a run repeated gives the same accuracy matrix)."]
     for pair, rows in doc["pairs"].items():
         source, suite = PAIRS[pair]
         parts += ["", f"### {suites.SUITES[suite].title}, pretrained on {source} (unrotated, 10 classes)", "",

@@ -232,3 +232,24 @@ def test_pretrained_start_quick(tmp_path):
         ("anpyc", "random"), ("anpyc", "pretrained"), ("packnet", "random"), ("packnet", "pretrained")}
     assert all(_num(r[3].strip()) == 0.0 for r in rows.values())  # BWT of the hard-freeze rows
     assert "BWT of every hard-freeze run (anpyc, PackNet, both starts): exactly 0." in out.read_text()
+
+
+def test_each_task_alone_quick(tmp_path):
+    """The 'each task alone' benchmark runs the quickstart's recipe on the stream and on every task by itself from the
+    same initial weights: the first task is trained the same way in both, so its two accuracies are equal."""
+    alone = _load("alone")
+    out, results = tmp_path / "BENCHMARKS.md", tmp_path / "results"
+    assert alone.main(["--quick", "--seeds", "0", "--out", str(out), "--results", str(results)]) == 0
+    doc = json.loads((results / "alone_quick.json").read_text())
+    (run,) = doc["runs"]
+    assert run["tasks"] == ["classes 0,1", "classes 2,3"]
+    assert len(run["in_stream"]) == len(run["alone"]) == 2
+    assert run["in_stream"][0] == run["alone"][0] > 0.75  # two classes: chance is 0.5
+    rows = _rows(out.read_text(), "alone")
+    assert _num(rows["0: classes 0,1"][1]) == pytest.approx(100 * run["in_stream"][0], abs=0.05)
+    assert _num(rows["0: classes 0,1"][3]) == 0.0
+    assert _num(rows["1: classes 2,3"][2]) == pytest.approx(100 * run["alone"][1], abs=0.05)
+    written = out.read_text()
+    out.write_text("# Benchmarks\n")
+    assert alone.main(["--quick", "--render-only", "--out", str(out), "--results", str(results)]) == 0
+    assert out.read_text() == written  # the section comes back from the results file, with the command that ran
