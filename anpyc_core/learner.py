@@ -124,7 +124,8 @@ class ContinualLearner:
         self.loaders = Loaders(resolve_workers(config.workers), self.device)
         self.base_layout = self.space.schema().get("groups")  # the units before any growth (what run.json records)
         self.growth_verdicts: dict[str, str | None] = {}  # per group: why it cannot be widened (None: it can)
-        self.model = MaskedModel(trunk, self.num_features, self.space.norm_modules()).to(self.device)
+        self.model = MaskedModel(trunk, self.num_features, self.space.norm_modules(),
+                                 weight_stats=self.space.removes_weights).to(self.device)
         self.model.feature_dropout = config.optim.dropout
         self.stat_names = [n for n, m in trunk.named_modules()
                            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]

@@ -41,6 +41,9 @@ class MaskSpace(ABC):
     owners: torch.Tensor  # uint8, one per unit
     structure: Structure | None = None  # the walk's unit groups (structured spaces)
     base_sizes: dict[str, int] = {}  # every group's width before any growth (anpyc.growth)
+    # whether a removed unit leaves a layer's weight (sliced away) rather than a zero in it: weight-standardised
+    # layers then take their statistics over the kept weights in the masked model (structure.masked)
+    removes_weights: bool = False
 
     @classmethod
     @abstractmethod
@@ -180,6 +183,7 @@ class UnitSpace(MaskSpace):
     """Structured units from the structure walk."""
 
     granularity = "unit"
+    removes_weights = True
 
     def __init__(self, structure: Structure, param_names: set[str]):
         self.structure = structure

@@ -128,7 +128,7 @@ def locate_break(trunk: nn.Module, structure: Structure, active: torch.Tensor, e
         sliced = slice_trunk(trunk, structure, active).eval()
     except Exception as e:
         return Break("(slicing)", float("inf"), clip(f"{type(e).__name__}: {e}", 300))
-    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
+    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units), weight_stats=True)
     params = {n for n, _ in trunk.named_parameters()}
     masked.set_masks(structure.tensor_masks(active, params), structure.norm_masks(active), structure.feature_mask(active))
     masked.eval()

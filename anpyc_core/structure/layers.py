@@ -86,7 +86,7 @@ def _conv_slices(m: nn.modules.conv._ConvNd, direction: str, pos: list[int]) -> 
         touches = [TensorSlice("weight", w_out, tuple(pos))]
         if m.bias is not None:
             touches.append(TensorSlice("bias", 0, tuple(pos)))
-        return touches
+        return touches + _per_filter_params(m, m.weight.shape[w_out], tuple(pos))
     if _conv_is_depthwise(m):
         # an input channel of a depthwise conv owns its `multiplier` output filters
         mult = m.out_channels // m.in_channels
@@ -101,6 +101,13 @@ def _conv_slices(m: nn.modules.conv._ConvNd, direction: str, pos: list[int]) -> 
         per_group = m.in_channels // m.groups
         return [TensorSlice("weight", w_in, tuple(p % per_group for p in pos))]
     return [TensorSlice("weight", w_in, tuple(pos))]
+
+
+def _per_filter_params(m: nn.Module, filters: int, pos: tuple[int, ...]) -> list[TensorSlice]:
+    """A layer's own parameters besides weight and bias that hold one value per output filter (NFNet's
+    ``ScaledStdConv2d.gain`` of shape ``[out, 1, 1, 1]``): a removed filter takes its value with it."""
+    return [TensorSlice(name, 0, pos) for name, p in m.named_parameters(recurse=False)
+            if name not in ("weight", "bias") and p.ndim >= 1 and p.shape[0] == filters and p.numel() == filters]
 
 
 @_register(RESYNC_RULES, nn.modules.conv._ConvNd)

@@ -24,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from .slicing import drop_tensor_caches
 from .units import along
+from .weightstats import WeightStatsMode, standardizes_weight
 
 __all__ = ["MaskedModel", "masked_layer_norm", "masked_group_norm", "masked_rms_norm", "along"]
 
@@ -156,7 +157,10 @@ class MaskedModel(nn.Module):
     mask over the feature channels); per-task BatchNorm statistics with :meth:`use_stats`.
     """
 
-    def __init__(self, trunk: nn.Module, num_features: int, norm_modules: list[str] = ()):
+    def __init__(self, trunk: nn.Module, num_features: int, norm_modules: list[str] = (), *,
+                 weight_stats: bool = False):
+        """``weight_stats``: layers that standardise their weight take its statistics over the kept weights only
+        (structured masks, whose sliced layers hold only those; element masks keep their zeros in the export)."""
         super().__init__()
         self.trunk = trunk
         self.heads = nn.ModuleDict()
@@ -178,6 +182,13 @@ class MaskedModel(nn.Module):
             self._hook_fns.update({id(enter), id(leave)})
             self._hooks.append(module.register_forward_pre_hook(enter))
             self._hooks.append(module.register_forward_hook(leave, always_call=True))
+        if weight_stats:
+            for name, module in trunk.named_modules():
+                if name and standardizes_weight(module):
+                    enter, leave = self._enter_weight_stats(name, module), self._exit_norm(name)
+                    self._hook_fns.update({id(enter), id(leave)})
+                    self._hooks.append(module.register_forward_pre_hook(enter))
+                    self._hooks.append(module.register_forward_hook(leave, always_call=True))
 
     def strip_hooks(self, module: nn.Module) -> nn.Module:
         """Remove this model's masked-norm hooks from a deep copy of the trunk (a copy must not see the masks)."""
@@ -200,6 +211,20 @@ class MaskedModel(nn.Module):
             mask = self._norm_masks.get(name)
             if mask is not None:
                 mode = _MaskedNormMode(mask)
+                mode.__enter__()
+                self._modes[name] = mode
+
+        return hook
+
+    def _enter_weight_stats(self, name: str, owner: nn.Module):
+        ref, key = weakref.ref(owner), f"{name}.weight"
+
+        def hook(module, args):
+            if module is not ref():
+                return
+            mask = self._tensor_masks.get(key)
+            if mask is not None:
+                mode = WeightStatsMode(mask.expand(self._mask_sources[key].shape))
                 mode.__enter__()
                 self._modes[name] = mode
 

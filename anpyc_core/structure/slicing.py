@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .layers import HEAD_COUNT_ATTRS, has_resync_rule, resync
 from .units import AttentionSite, Structure
+from .weightstats import fold_weight, standardizes_weight
 
 __all__ = ["slice_trunk", "kept_positions", "original_size", "drop_tensor_caches", "set_site_heads"]
 
@@ -77,6 +78,12 @@ def slice_trunk(trunk: nn.Module, structure: Structure, active: torch.Tensor, *,
             touched[site.module] = module
     for module in touched.values():
         drop_tensor_caches(module)
+    for owner, module in touched.items():  # weight-standardising layers become the plain layers they compute
+        if owner and owner not in sites and standardizes_weight(module):
+            plain = fold_weight(module)
+            if plain is not None:
+                parent, _, child = owner.rpartition(".")
+                setattr(model.get_submodule(parent), child, plain)
     return model
 
 

@@ -154,7 +154,7 @@ def masked_features(trunk: nn.Module, structure: Structure, active: torch.Tensor
                     ) -> torch.Tensor:
     """The features of ``trunk`` run masked to the ``active`` units (eval mode), at the kept feature positions; the
     masked model's hooks are removed again."""
-    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units))
+    masked = MaskedModel(trunk, structure.num_features, norm_modules=list(structure.norm_units), weight_stats=True)
     params = {n for n, _ in trunk.named_parameters()}
     try:
         masked.set_masks(structure.tensor_masks(active, params), structure.norm_masks(active),
