@@ -3,7 +3,7 @@
 ``check_model(name)`` builds the backbone with random weights (never pretrained) at the smallest input size it
 accepts (32x32 first), learns ``num_tasks`` made-up tasks for a few steps with pruning, so that every task's
 subnetwork is a real subset, exports every task with :func:`anpyc.export.exporter.export_all` (which refuses a file
-whose onnxruntime outputs differ from the masked model by more than 1e-4) and reports what happened. It never
+whose onnxruntime outputs differ from the masked model by more than 1e-4 of the logits' scale) and reports what happened. It never
 raises for a model failure: the result says which stage failed and why (``ok``/``reason``).
 """
 

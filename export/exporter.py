@@ -161,17 +161,19 @@ def _export_one(source: ExportSource, task: int, out_dir: Path, *, opset: int | 
         result = _onnx.export_verified(module, inputs, sub_out, candidate, opset=opset, atol=parity_atol,
                                        threads=threads)
         ref_diff = _onnx.max_abs_diff(result.outputs, ref_out)
-        if not ref_diff <= parity_atol:
+        scale = _onnx.output_scale(ref_out)
+        if not ref_diff <= parity_atol * scale:
             torch_diff = _onnx.max_abs_diff(sub_out, ref_out)
-            if not torch_diff <= parity_atol:
+            if not torch_diff <= parity_atol * scale:
                 raise ParityError(
                     f"task {task}: the pruned subnetwork differs from the masked reference model by {torch_diff:.3g} "
-                    f"(> atol {parity_atol:g}) already in torch, so the ONNX file was not written",
+                    f"(> atol {parity_atol:g} x output scale {scale:.3g}) already in torch, so the ONNX file was "
+                    "not written",
                     "this is a subnetwork-extraction bug; report it with the backbone name "
                     f"({source.backbone_name}) and use the run in torch meanwhile")
             raise ParityError(
                 f"task {task}: the ONNX model differs from the masked reference model by {ref_diff:.3g} "
-                f"(> atol {parity_atol:g}), so the ONNX file was not written",
+                f"(> atol {parity_atol:g} x output scale {scale:.3g}), so the ONNX file was not written",
                 "try another --opset, or report the model")
         data = candidate.read_bytes()
 
@@ -202,6 +204,7 @@ def _export_one(source: ExportSource, task: int, out_dir: Path, *, opset: int | 
             "max_abs_diff": ref_diff,
             "subnetwork_max_abs_diff": result.module_max_abs_diff,
             "atol": parity_atol,
+            "output_scale": scale,  # the rule: max_abs_diff <= atol * output_scale (largest |logit|, at least 1)
             "batch_sizes": list(PARITY_BATCH_SIZES),
             "seed": PARITY_SEED,
         },
@@ -245,7 +248,8 @@ def export_task(source: ExportSource, task: int, out_dir: str | os.PathLike, *, 
     """Export one task to ``out_dir/task-NNN.onnx`` + sidecar, update the manifest; returns the sidecar.
 
     Raises :class:`ParityError` (nothing written) when onnxruntime and ``source.reference_forward`` differ by more
-    than ``parity_atol`` on random inputs of batch sizes :data:`PARITY_BATCH_SIZES`. ``threads`` sets onnxruntime's
+    than ``parity_atol`` times the logits' scale (their largest absolute value, at least 1:
+    :func:`anpyc.export.onnx.output_scale`) on random inputs of batch sizes :data:`PARITY_BATCH_SIZES`. ``threads`` sets onnxruntime's
     intra-op threads for the check.
     """
     out = Path(out_dir)

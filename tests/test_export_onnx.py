@@ -380,3 +380,20 @@ def _tiny_real_run(learner_mod, run_dir: Path) -> Path:
     for t in range(2):
         learner.learn(Task(t, f"task{t}", ("a", "b"), data(32), val=data(16), test=data(16)), final=t == 1)
     return run_dir
+
+
+def test_parity_tolerance_follows_the_logits_scale(tmp_path):
+    """float32 rounding grows with the values: the tolerance is atol times the largest |logit| (at least 1), as in
+    the walk. Logits near 1000 may differ by 2e-3 (2e-6 of their scale); logits near 1 may not (mobileone_s0's
+    logits reach 47 and its correct exports differed by 3.9e-4, refused under a fixed 1e-4)."""
+    big = mlp_source(reference_offset=2e-3)
+    with torch.no_grad():
+        head = big._modules[0][-1]
+        head.weight.mul_(1000.0)
+        head.bias.mul_(1000.0)
+    s = export_task(big, 0, tmp_path / "big")
+    assert s["parity"]["output_scale"] > 100 and 1.5e-3 < s["parity"]["max_abs_diff"] <= 1e-4 * s["parity"]["output_scale"]
+    small = mlp_source(reference_offset=2e-3)
+    with pytest.raises(ParityError, match=r"by 0\.002 \(> atol 0\.0001 x output scale"):
+        export_task(small, 0, tmp_path / "small")
+    assert not (tmp_path / "small").exists()
